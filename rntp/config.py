@@ -1,0 +1,179 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file plus `key.sub=value` overrides. Every section
+forbids unknown keys, so a typo is a clear error before any model loads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # A local Hugging Face folder, a hub name (where the network allows), or the alias
+    # "smollm2-135m" for the offline default that `rntp prepare-model` provisions.
+    name_or_path: str = "smollm2-135m"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    # Autocast the training forward to bfloat16 while keeping float32 master weights.
+    autocast_bf16: bool = False
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    # "stdlib-docs" (the offline default corpus), a .txt/.jsonl/.parquet file or folder of
+    # them, a `datasets.save_to_disk` folder, or a hub dataset name.
+    source: str = "stdlib-docs"
+    split: str = "train"
+    text_column: str = "text"
+    streaming: bool = False
+    shuffle: bool = True
+    shuffle_buffer: int = Field(1000, ge=1)
+    chunk_tokens: int = Field(256, ge=8)
+    positions_per_chunk: int = Field(1, ge=1)
+    min_context: int = Field(32, ge=1)
+    horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
+    max_docs: int | None = Field(None, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fits(self) -> "DataConfig":
+        room = self.chunk_tokens - self.min_context - self.horizon
+        if room < self.positions_per_chunk - 1:
+            raise ValueError(
+                f"chunk_tokens={self.chunk_tokens} leaves room for {max(room + 1, 0)} positions "
+                f"after min_context={self.min_context} and horizon={self.horizon}; "
+                f"positions_per_chunk={self.positions_per_chunk} cannot fit"
+            )
+        return self
+
+
+class VllmConfig(Section):
+    kv_cache_gb: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    max_model_len: int | None = None
+    enforce_eager: bool = True
+
+
+class RolloutConfig(Section):
+    sampler: Literal["auto", "vllm", "hf"] = "auto"
+    group_size: int = Field(4, ge=2, description="G: thoughts per position")
+    max_thought_tokens: int = Field(32, ge=1, description="T: thought budget")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    open_tag: str = "<think>"
+    close_tag: str = "</think>"
+    vllm: VllmConfig = VllmConfig()
+
+
+class RewardConfig(Section):
+    name: str = "target_logprob"
+
+
+class GRPOConfig(Section):
+    advantage_scale: Literal["group", "batch", "none"] = "group"
+    clip_low: float = Field(0.2, ge=0)
+    clip_high: float = Field(0.28, ge=0)
+    # seq_mean: GRPO (mean per thought, then over thoughts); token_mean: DAPO (over all
+    # thought tokens); token_sum: Dr. GRPO (sum over tokens / (thoughts * max_thought_tokens)).
+    loss_aggregation: Literal["seq_mean", "token_mean", "token_sum"] = "seq_mean"
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = off")
+    nll_coef: float = Field(0.0, ge=0, description="weight of next-token loss on the target")
+    epochs: int = Field(1, ge=1, description="optimizer passes over each batch of rollouts")
+
+
+class OptimConfig(Section):
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-8
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class LogConfig(Section):
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    wandb_project: str = "rntp"
+    wandb_group: str | None = None
+    progress: bool = True
+    plot: bool = True
+    sample_thoughts: int = Field(2, ge=0, description="thoughts printed to samples.jsonl per step")
+
+
+class TrainConfig(Section):
+    steps: int = Field(20, ge=1)
+    positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
+    micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
+    save_every: int = Field(0, ge=0, description="0 = only at the end")
+    seed: int = 0
+
+
+class Config(Section):
+    run_dir: str = "runs/default"
+    resume: str | None = None
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    rollout: RolloutConfig = RolloutConfig()
+    reward: RewardConfig = RewardConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    log: LogConfig = LogConfig()
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says why."""
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override {text!r} has an empty key")
+    return keys, yaml.safe_load(raw) if raw.strip() else None
+
+
+def set_nested(tree: dict, keys: list[str], value: Any) -> None:
+    for k in keys[:-1]:
+        node = tree.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {k} is not a section")
+        tree = node
+    tree[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    for text in overrides:
+        keys, value = parse_override(text)
+        set_nested(tree, keys, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = [f"invalid config{f' {path}' if path else ''}:"]
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            lines.append(f"  {where}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

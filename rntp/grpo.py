@@ -1,0 +1,89 @@
+"""GRPO maths as pure functions of tensors: advantages, the clipped surrogate, aggregation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def finite_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Bool [N]: the thought's whole group has finite rewards (a NaN/inf drops its group)."""
+    bad = torch.zeros(int(group.max()) + 1, dtype=torch.bool)
+    bad.index_put_((group,), ~torch.isfinite(rewards), accumulate=True)
+    return ~bad[group]
+
+
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "group",
+                     eps: float = 1e-6) -> torch.Tensor:
+    """A_i = r_i - mean(r in i's group), divided by the group's std ("group", GRPO), the batch
+    std of those differences ("batch"), or nothing ("none", Dr. GRPO). Std is unbiased."""
+    n_groups = int(group.max()) + 1
+    counts = torch.bincount(group, minlength=n_groups).to(rewards.dtype)
+    mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, rewards) / counts
+    centred = rewards - mean[group]
+    if scale == "none":
+        return centred
+    if scale == "group":
+        var = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, centred**2) / (counts - 1).clamp(min=1)
+        return centred / (var.sqrt()[group] + eps)
+    if scale == "batch":
+        return centred / (centred.std() + eps) if centred.numel() > 1 else centred
+    raise ValueError(f"unknown advantage scale {scale!r}")
+
+
+def zero_spread_fraction(rewards: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> float:
+    """Fraction of groups whose rewards are all equal (within tol): they carry no signal."""
+    n_groups = int(group.max()) + 1
+    hi = torch.full((n_groups,), -torch.inf, dtype=rewards.dtype).scatter_reduce(0, group, rewards, "amax")
+    lo = torch.full((n_groups,), torch.inf, dtype=rewards.dtype).scatter_reduce(0, group, rewards, "amin")
+    return float(((hi - lo) <= tol).float().mean())
+
+
+@dataclass
+class LossNorm:
+    """Batch-wide normalisers, so micro-batch losses add up to the loss of the whole batch."""
+
+    mode: str  # seq_mean | token_mean | token_sum
+    num_seqs: int
+    num_tokens: int
+    max_tokens: int  # the thought budget T, Dr. GRPO's constant
+
+    @classmethod
+    def of(cls, mode: str, mask: torch.Tensor, max_tokens: int) -> "LossNorm":
+        return cls(mode, int(mask.shape[0]), int(mask.sum()), max_tokens)
+
+
+def aggregate(token_values: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    """This micro-batch's share of the batch loss.
+
+    seq_mean (GRPO): mean over each sequence's tokens, then over sequences.
+    token_mean (DAPO): mean over all tokens of the batch.
+    token_sum (Dr. GRPO): sum over tokens / (sequences x T), a constant normaliser.
+    """
+    masked = token_values * mask
+    if norm.mode == "seq_mean":
+        per_seq = masked.sum(-1) / mask.sum(-1).clamp(min=1)
+        return per_seq.sum() / norm.num_seqs
+    if norm.mode == "token_mean":
+        return masked.sum() / max(norm.num_tokens, 1)
+    if norm.mode == "token_sum":
+        return masked.sum() / (norm.num_seqs * norm.max_tokens)
+    raise ValueError(f"unknown loss aggregation {norm.mode!r}")
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token PPO/GRPO loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and where the
+    clip is active. `advantages` is per sequence [B]; log-probs are [B, L]."""
+    ratio = torch.exp(logp - old_logp)
+    adv = advantages[:, None]
+    unclipped = -adv * ratio
+    clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(pi || ref) estimate exp(q - p) - (q - p) - 1 with p = log pi, q = log ref (>= 0)."""
+    delta = ref_logp - logp
+    return torch.exp(delta) - delta - 1

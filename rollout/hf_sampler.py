@@ -1,0 +1,52 @@
+"""Fallback sampler: transformers `generate` on the training model itself (no weight copy)."""
+
+from __future__ import annotations
+
+import torch
+
+from rollout.base import SamplingSpec
+from rollout.spans import Rollout, ThinkTags
+
+
+class HFSampler:
+    def __init__(self, model, tags: ThinkTags, batch_prompts: int = 16):
+        self.model, self.tags, self.batch_prompts = model, tags, batch_prompts
+        tok = tags.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    @torch.no_grad()
+    def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        rollouts: list[Rollout] = []
+        for start in range(0, len(prompts), self.batch_prompts):
+            batch = prompts[start : start + self.batch_prompts]
+            width = max(map(len, batch))
+            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for i, p in enumerate(batch):  # left padding, so every prompt ends at the same column
+                ids[i, width - len(p):] = torch.tensor(p)
+                mask[i, width - len(p):] = 1
+            # One generator per chunk of prompts, seeded from the spec: same weights, same thoughts.
+            torch.manual_seed(spec.seed * 1_000_003 + start)
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device),
+                do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                max_new_tokens=spec.max_tokens, num_return_sequences=spec.n,
+                # Like vLLM's ignore_eos: a thought ends only at the close tag or the budget.
+                eos_token_id=None, stop_strings=[self.tags.close_tag], tokenizer=self.tags.tokenizer,
+                pad_token_id=self.pad_id,
+            )
+            new = out[:, width:].tolist()
+            for j, sampled in enumerate(new):
+                group = start + j // spec.n
+                rollouts.append(self.tags.finish(group, prompts[group], sampled))
+        self.model.train(was_training)
+        return rollouts
+
+    def push_weights(self, named_tensors) -> None:
+        pass  # it samples from the training model itself
+
+    def close(self) -> None:
+        pass
