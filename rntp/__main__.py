@@ -1,0 +1,5 @@
+import sys
+
+from rntp.cli import main
+
+sys.exit(main())

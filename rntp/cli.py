@@ -1,0 +1,63 @@
+"""`rntp` command line: train, prepare-model, prepare-data, rewards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+
+def _setup_env() -> None:
+    # Offline by default on these machines; users elsewhere can export other values.
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rntp", description="Reasoning via next-token prediction")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train a policy (config file plus key.sub=value overrides)")
+    p_train.add_argument("--config", help="YAML config file")
+    p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=5 resume=runs/x")
+    p_model = sub.add_parser("prepare-model", help="convert the offline default model (SmolLM2-135M) to HF format")
+    p_model.add_argument("--force", action="store_true")
+    p_data = sub.add_parser("prepare-data", help="build the offline default corpus (stdlib docstrings)")
+    p_data.add_argument("--force", action="store_true")
+    sub.add_parser("rewards", help="list registered rewards and their formulas")
+    args = parser.parse_args(argv)
+    _setup_env()
+
+    from rntp.config import ConfigError
+
+    try:
+        if args.command == "train":
+            from rntp.config import load_config
+
+            cfg = load_config(args.config, args.overrides)  # validated before anything heavy loads
+            from rntp.train import train
+
+            train(cfg)
+        elif args.command == "prepare-model":
+            from rntp.prepare import prepare_model
+
+            print(prepare_model(force=args.force))
+        elif args.command == "prepare-data":
+            from rntp.prepare import prepare_corpus
+
+            print(prepare_corpus(force=args.force))
+        elif args.command == "rewards":
+            from rewards import REWARDS
+
+            width = max(map(len, REWARDS))
+            for name in sorted(REWARDS):
+                print(f"{name:<{width}}  {REWARDS[name].formula}")
+    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+        print(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Documents -> token chunks -> positions, deterministic and resumable.
+
+Documents come through `datasets` (local .txt/.jsonl/.parquet files, a `save_to_disk`
+folder, or a hub name). Bad input is skipped and counted, never fatal mid-run: malformed
+JSONL lines, undecodable bytes, empty documents and documents too short for one position.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import datasets
+import numpy as np
+
+from rntp.config import DataConfig
+from rntp.prepare import DEFAULT_CORPUS, default_corpus_dir
+
+log = logging.getLogger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".jsonl", ".json"}
+SUFFIXES = TEXT_SUFFIXES | {".parquet"}
+
+
+@dataclass(frozen=True)
+class Position:
+    """A place in a chunk where the policy thinks: context = ids[:p], target = ids[p:p+horizon]."""
+
+    chunk: tuple[int, ...]
+    p: int
+    horizon: int
+    doc: int  # provenance: document index in the (shuffled) stream, and chunk index within it
+    chunk_index: int
+
+    @property
+    def context(self) -> list[int]:
+        return list(self.chunk[: self.p])
+
+    @property
+    def target(self) -> list[int]:
+        return list(self.chunk[self.p : self.p + self.horizon])
+
+
+def read_text_files(files: list[str], text_column: str, stats: Counter) -> Iterator[dict]:
+    """Tolerant reader: a .txt file is one document; a .jsonl line is one record. Lines with
+    undecodable bytes or broken JSON are skipped and counted."""
+    for name in files:
+        path = Path(name)
+        if path.suffix == ".txt":
+            kept = []
+            with open(path, "rb") as f:
+                for raw in f:
+                    try:
+                        kept.append(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        stats["undecodable_lines"] += 1
+            yield {"text": "".join(kept)}
+            continue
+        with open(path, "rb") as f:
+            for raw in f:
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError:
+                    stats["undecodable_lines"] += 1
+                    continue
+                except json.JSONDecodeError:
+                    stats["malformed_lines"] += 1
+                    continue
+                text = record.get(text_column) if isinstance(record, dict) else None
+                if not isinstance(text, str):
+                    stats["malformed_lines"] += 1
+                    continue
+                yield {"text": text}
+
+
+def _local_files(path: Path) -> list[str]:
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no .txt/.jsonl/.parquet files under {path}")
+    kinds = {p.suffix in TEXT_SUFFIXES for p in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{path} mixes parquet and text files; point data.source at one kind")
+    return [str(p) for p in files]
+
+
+def load_documents(cfg: DataConfig, stats: Counter, split: str | None = None):
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with a "text" column."""
+    split = split or cfg.split
+    source = cfg.source
+    if source == DEFAULT_CORPUS:
+        corpus = default_corpus_dir()
+        if not corpus.exists():
+            raise FileNotFoundError(f"default corpus not prepared at {corpus}; run `rntp prepare-data`")
+        source = str(corpus / f"{'heldout' if split in ('heldout', 'test', 'validation') else 'train'}.jsonl")
+    path = Path(source).expanduser()
+    column = cfg.text_column
+    if path.exists():
+        if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[split]
+            if cfg.streaming:
+                ds = ds.to_iterable_dataset()
+        else:
+            files = _local_files(path)
+            if files[0].endswith(".parquet"):
+                ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=cfg.streaming)
+            else:
+                column = "text"
+                if cfg.streaming:
+                    ds = datasets.IterableDataset.from_generator(
+                        read_text_files, gen_kwargs={"files": files, "text_column": cfg.text_column, "stats": stats})
+                else:
+                    ds = datasets.Dataset.from_list(list(read_text_files(files, cfg.text_column, stats)))
+                    if len(ds) == 0:
+                        raise ValueError(f"no documents could be read from {path} ({dict(stats)})")
+    elif source.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"data source does not exist: {source}")
+    else:  # a hub dataset name (needs network access)
+        ds = datasets.load_dataset(source, split=split, streaming=cfg.streaming)
+    names = ds.column_names if ds.column_names is not None else [column]
+    if column not in names:
+        raise ValueError(f"text column {column!r} not in {source} (columns: {names})")
+    return ds.select_columns([column]).rename_column(column, "text") if column != "text" else ds
+
+
+class PositionStream:
+    """Yields positions forever (epoch after epoch). `state()` / `load_state()` give an exact
+    cursor; positions of a chunk depend only on (seed, epoch, document, chunk)."""
+
+    def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, split: str | None = None):
+        self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
+        self.stats: Counter = Counter()
+        self.docs = load_documents(cfg, self.stats, split)
+        self.streaming = isinstance(self.docs, datasets.IterableDataset)
+        self.epoch = self.doc = self.chunk = self.pos = 0  # the next position to yield
+        self._it: Iterator[Position] | None = None
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "doc": self.doc, "chunk": self.chunk, "pos": self.pos,
+                "stats": dict(self.stats)}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.doc, self.chunk, self.pos = (state[k] for k in ("epoch", "doc", "chunk", "pos"))
+        self.stats = Counter(state.get("stats", {}))
+        self._it = None
+
+    def _ordered_docs(self, epoch: int, start: int) -> Iterator[tuple[int, str]]:
+        cfg = self.cfg
+        if self.streaming:
+            ds = self.docs.shuffle(seed=cfg.seed + epoch, buffer_size=cfg.shuffle_buffer) if cfg.shuffle else self.docs
+            for i, row in enumerate(ds):
+                if cfg.max_docs and i >= cfg.max_docs:
+                    return
+                if i >= start:
+                    yield i, row["text"]
+            return
+        n = min(len(self.docs), cfg.max_docs or len(self.docs))
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else np.arange(n)
+        for i in range(start, n):
+            yield i, self.docs[int(order[i])]["text"]
+
+    def chunks_of(self, text: str) -> list[list[int]]:
+        cfg = self.cfg
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if text and text.strip() else []
+        count = self.epoch == 0  # count skips once, on the first pass
+        if not ids:
+            self.stats["empty_docs"] += count
+            return []
+        chunks = [ids[i : i + cfg.chunk_tokens] for i in range(0, len(ids), cfg.chunk_tokens)]
+        chunks = [c for c in chunks if len(c) >= cfg.min_context + cfg.horizon]
+        if not chunks:
+            self.stats["short_docs"] += count
+        return chunks
+
+    def positions_in(self, chunk: list[int], epoch: int, doc: int, index: int) -> list[int]:
+        cfg = self.cfg
+        candidates = np.arange(cfg.min_context, len(chunk) - cfg.horizon + 1)
+        rng = np.random.default_rng([cfg.seed, epoch, doc, index])
+        k = min(cfg.positions_per_chunk, len(candidates))
+        return sorted(int(p) for p in rng.choice(candidates, size=k, replace=False))
+
+    def _generate(self) -> Iterator[Position]:
+        while True:
+            whole_epoch = (self.doc, self.chunk, self.pos) == (0, 0, 0)
+            yielded = False
+            for doc, text in self._ordered_docs(self.epoch, self.doc):
+                if doc % self.world_size != self.rank:
+                    continue  # each rank owns every world_size-th document
+                for ci, chunk in enumerate(self.chunks_of(text)):
+                    if doc == self.doc and ci < self.chunk:
+                        continue
+                    positions = self.positions_in(chunk, self.epoch, doc, ci)
+                    frozen = tuple(chunk)
+                    for pi, p in enumerate(positions):
+                        if doc == self.doc and ci == self.chunk and pi < self.pos:
+                            continue
+                        # Advance the cursor past this position before handing it out.
+                        self.doc, self.chunk, self.pos = doc, ci, pi + 1
+                        yielded = True
+                        yield Position(frozen, p, self.cfg.horizon, doc, ci)
+                    self.doc, self.chunk, self.pos = doc, ci + 1, 0
+                self.doc, self.chunk, self.pos = doc + 1, 0, 0
+            if whole_epoch and not yielded:
+                raise ValueError(f"data source {self.cfg.source} yields no usable positions "
+                                 f"(rank {self.rank}; skipped so far: {dict(self.stats)})")
+            self.epoch, self.doc, self.chunk, self.pos = self.epoch + 1, 0, 0, 0
+
+    def take(self, n: int) -> list[Position]:
+        if self._it is None:
+            self._it = self._generate()
+        return [next(self._it) for _ in range(n)]

@@ -1,0 +1,98 @@
+"""Metrics: JSONL always, Weights & Biases (offline unless configured), step timers, plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class PhaseTimer:
+    """Wall time per phase of a step: `with timer("sample"): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+
+def peak_memory_gb() -> float:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _clean(value):
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, config: dict, *, wandb_mode: str = "offline", project: str = "rntp",
+                 group: str | None = None, resume_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.rows: list[dict] = []
+        if self.path.exists():  # a resumed run keeps the history up to its checkpoint
+            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+            self.rows = [r for r in rows if r.get("step", 0) <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.wandb = None
+        if wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=project, group=group, dir=str(self.run_dir), mode=wandb_mode,
+                                    config=config, name=self.run_dir.name, reinit="finish_previous")
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
+
+    def plot(self, keys: tuple[str, ...] = ("reward/mean", "info_gain", "thought/len_mean")) -> Path | None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = [r for r in self.rows if any(r.get(k) is not None for k in keys)]
+        if not rows:
+            return None
+        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+        for ax, key in zip(axes, keys):
+            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker=".")
+            ax.set_title(key)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        out = self.run_dir / "training.png"
+        fig.savefig(out, dpi=100)
+        plt.close(fig)
+        return out
+
+    def finish(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()

@@ -1,0 +1,125 @@
+"""GRPO maths against independent float64 loop computations and hand-worked numbers."""
+
+import math
+
+import pytest
+import torch
+
+from rntp import grpo
+
+pytestmark = pytest.mark.unit
+
+
+def loop_advantages(rewards, groups, scale, eps=1e-6):
+    rewards = [float(r) for r in rewards]
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(int(g), []).append(i)
+    centred = [0.0] * len(rewards)
+    out = [0.0] * len(rewards)
+    for g, idx in members.items():
+        m = sum(rewards[i] for i in idx) / len(idx)
+        var = sum((rewards[i] - m) ** 2 for i in idx) / max(len(idx) - 1, 1)
+        for i in idx:
+            centred[i] = rewards[i] - m
+            out[i] = centred[i] / (math.sqrt(var) + eps)
+    if scale == "group":
+        return out
+    if scale == "none":
+        return centred
+    mu = sum(centred) / len(centred)
+    sd = math.sqrt(sum((c - mu) ** 2 for c in centred) / (len(centred) - 1))
+    return [c / (sd + eps) for c in centred]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_advantages_match_loop_reference(scale):
+    gen = torch.Generator().manual_seed(0)
+    rewards = torch.randn(24, generator=gen, dtype=torch.float64) * 5 - 30
+    groups = torch.arange(6).repeat_interleave(4)
+    got = grpo.group_advantages(rewards, groups, scale)
+    want = torch.tensor(loop_advantages(rewards, groups, scale), dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_advantages_hand_worked():
+    # group {1, 3}: mean 2, unbiased std sqrt(2); group {5, 5}: no spread
+    got = grpo.group_advantages(torch.tensor([1.0, 3.0, 5.0, 5.0], dtype=torch.float64), torch.tensor([0, 0, 1, 1]))
+    s = 1 / math.sqrt(2)
+    torch.testing.assert_close(got, torch.tensor([-s, s, 0.0, 0.0], dtype=torch.float64), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_per_position_baseline_cancels(scale):
+    """A baseline that is constant within a group (like the no-think score) changes nothing."""
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.randn(20, generator=gen, dtype=torch.float64)
+    groups = torch.arange(5).repeat_interleave(4)
+    baseline = torch.randn(5, generator=gen, dtype=torch.float64) * 100
+    torch.testing.assert_close(grpo.group_advantages(rewards - baseline[groups], groups, scale),
+                               grpo.group_advantages(rewards, groups, scale), rtol=1e-9, atol=1e-9)
+
+
+def test_clipped_surrogate_hand_worked():
+    # ratios e^{0.5}=1.6487 and e^{-0.5}=0.6065; eps_low 0.2, eps_high 0.28
+    logp = torch.tensor([[0.5, -0.5], [0.5, -0.5]], dtype=torch.float64)
+    old = torch.zeros_like(logp)
+    adv = torch.tensor([1.0, -1.0], dtype=torch.float64)
+    loss, clipped = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    r_hi, r_lo = math.exp(0.5), math.exp(-0.5)
+    # A>0: -min(r, clip(r)) -> high ratio clipped to 1.28; low ratio unclipped (0.6065 < 0.8 is pessimistic).
+    # A<0: -min(-r, -clip(r)) = max(r, clip(r)) -> high ratio unclipped; low ratio clipped to 0.8.
+    want = torch.tensor([[-1.28, -r_lo], [r_hi, 0.8]], dtype=torch.float64)
+    torch.testing.assert_close(loss, want)
+    assert clipped.tolist() == [[True, False], [False, True]]
+
+
+def loop_aggregate(values, mask, mode, max_tokens):
+    seqs = len(values)
+    total = sum(sum(m) for m in mask)
+    if mode == "seq_mean":
+        return sum(sum(v * m for v, m in zip(vr, mr)) / max(sum(mr), 1) for vr, mr in zip(values, mask)) / seqs
+    s = sum(v * m for vr, mr in zip(values, mask) for v, m in zip(vr, mr))
+    return s / total if mode == "token_mean" else s / (seqs * max_tokens)
+
+
+@pytest.mark.parametrize("mode", ["seq_mean", "token_mean", "token_sum"])
+@pytest.mark.parametrize("micro", [1, 3, 10])
+def test_micro_batches_add_up_to_batch_loss(mode, micro):
+    gen = torch.Generator().manual_seed(2)
+    values = torch.randn(10, 7, generator=gen, dtype=torch.float64)
+    mask = torch.rand(10, 7, generator=gen) > 0.4
+    mask[:, 0] = True
+    norm = grpo.LossNorm.of(mode, mask, max_tokens=7)
+    total = sum(grpo.aggregate(values[s : s + micro], mask[s : s + micro].double(), norm)
+                for s in range(0, 10, micro))
+    want = loop_aggregate(values.tolist(), mask.int().tolist(), mode, 7)
+    assert abs(float(total) - want) < 1e-12
+
+
+def test_aggregation_modes_differ_on_unequal_lengths():
+    values = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float64)
+    got = {m: float(grpo.aggregate(values, mask, grpo.LossNorm.of(m, mask, 4))) for m in
+           ("seq_mean", "token_mean", "token_sum")}
+    assert got == pytest.approx({"seq_mean": 2.5, "token_mean": 7 / 4, "token_sum": 7 / 8})
+
+
+def test_k3_kl_worked_value_and_nonnegative():
+    p = torch.tensor([-1.0, -2.0, -0.1], dtype=torch.float64)
+    q = torch.tensor([-1.5, -2.0, -3.0], dtype=torch.float64)
+    got = grpo.k3_kl(p, q)
+    want = torch.tensor([math.exp(-0.5) + 0.5 - 1, 0.0, math.exp(-2.9) + 2.9 - 1], dtype=torch.float64)
+    torch.testing.assert_close(got, want)
+    assert (grpo.k3_kl(torch.randn(100), torch.randn(100)) >= 0).all()
+
+
+def test_nonfinite_reward_drops_whole_group():
+    rewards = torch.tensor([1.0, 2.0, float("nan"), 3.0, 4.0, float("inf")])
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert grpo.finite_groups(rewards, groups).tolist() == [True, True, False, False, False, False]
+
+
+def test_zero_spread_fraction():
+    rewards = torch.tensor([1.0, 1.0, 2.0, 3.0, 5.0, 5.0])
+    assert grpo.zero_spread_fraction(rewards, torch.tensor([0, 0, 1, 1, 2, 2])) == pytest.approx(2 / 3)
