@@ -16,7 +16,11 @@ from rollout.spans import Rollout
 
 @dataclass
 class SequenceBatch:
-    """Right-padded sequences [prompt][thought][target] with masks over predicted tokens."""
+    """Left-padded sequences [prompt][thought][target] with masks over predicted tokens.
+
+    Left padding puts every row's thought and target in the last columns, so a forward
+    needs logits (the costly vocabulary projection) only for that tail: see `tail`.
+    """
 
     input_ids: torch.Tensor  # [B, L]
     attention_mask: torch.Tensor  # [B, L]
@@ -24,11 +28,22 @@ class SequenceBatch:
     target_mask: torch.Tensor  # [B, L-1] the H true-continuation tokens
 
     def to(self, device) -> "SequenceBatch":
-        return SequenceBatch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.thought_mask,
-                                                      self.target_mask)))
+        return SequenceBatch(*(t.to(device) for t in self.tensors()))
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.input_ids, self.attention_mask, self.thought_mask, self.target_mask
+
+    def rows(self, index) -> "SequenceBatch":
+        return SequenceBatch(*(t[index] for t in self.tensors()))
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+    @property
+    def tail(self) -> int:
+        """How many predicted-token columns, counted from the end, hold any thought or target."""
+        used = (self.thought_mask | self.target_mask).any(0).nonzero()
+        return int(self.thought_mask.shape[1] - used.min()) if used.numel() else 1
 
 
 def build_batch(rollouts: list[Rollout], targets: list[list[int]], pad_id: int) -> SequenceBatch:
@@ -40,19 +55,25 @@ def build_batch(rollouts: list[Rollout], targets: list[list[int]], pad_id: int) 
     thought = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
     target = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
     for i, (r, t, s) in enumerate(zip(rollouts, targets, seqs)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attn[i, : len(s)] = 1
-        start = len(r.prompt_ids)  # token index of the first thought token
+        pad = width - len(s)
+        ids[i, pad:] = torch.tensor(s)
+        attn[i, pad:] = 1
+        start = pad + len(r.prompt_ids)  # column of the first thought token
         thought[i, start - 1 : start - 1 + r.n_sampled] = True
         t0 = start + len(r.thought_ids)
         target[i, t0 - 1 : t0 - 1 + len(t)] = True
     return SequenceBatch(ids, attn, thought, target)
 
 
-def token_logprobs(model, input_ids, attention_mask, *, with_logits: bool = False):
-    """log p of each next token, [B, L-1]; optionally the shifted logits too."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-    logp = selective_log_softmax(logits, input_ids[:, 1:])
+def token_logprobs(model, input_ids, attention_mask, *, tail: int | None = None, with_logits: bool = False):
+    """log p of each next token for the last `tail` predicted tokens, [B, tail] (all L-1 when
+    tail is None); optionally the matching logits. Positions come from the attention mask,
+    so left padding does not shift them."""
+    tail = input_ids.shape[1] - 1 if tail is None else tail
+    positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                   logits_to_keep=tail + 1, use_cache=False).logits[:, :-1]
+    logp = selective_log_softmax(logits, input_ids[:, -tail:])
     return (logp, logits) if with_logits else logp
 
 
@@ -82,21 +103,23 @@ def score_rollouts(model, rollouts: list[Rollout], targets: list[list[int]], pad
         raise ValueError("all targets in a batch must have the same horizon")
     batch = build_batch(rollouts, targets, pad_id)
     device = next(model.parameters()).device
-    thought_lp, target_lp, greedy, entropy = [], [], [], []
-    for s in range(0, len(batch), micro_batch):
-        mb = SequenceBatch(*(t[s : s + micro_batch] for t in (batch.input_ids, batch.attention_mask,
-                                                                batch.thought_mask, batch.target_mask))).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logp, logits = token_logprobs(model, mb.input_ids, mb.attention_mask, with_logits=True)
-        logp = logp.float()
-        thought_lp.append((logp * mb.thought_mask).cpu())
-        target_lp.append(_pick(logp, mb.target_mask, horizon).cpu())
-        hits = logits.argmax(-1) == mb.input_ids[:, 1:]
-        greedy.append(_pick(hits, mb.target_mask, horizon).cpu())
-        ent = entropy_from_logits(logits.float()) * mb.thought_mask
-        entropy.append((ent.sum(1) / mb.thought_mask.sum(1).clamp(min=1)).cpu())
     width = batch.input_ids.shape[1] - 1
-    thought_lp = torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[1])) for x in thought_lp])
+    thought_lp = torch.zeros(batch.thought_mask.shape)
+    target_lp, greedy, entropy = [], [], []
+    for s in range(0, len(batch), micro_batch):
+        mb = batch.rows(slice(s, s + micro_batch)).to(device)
+        tail = mb.tail
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logp, logits = token_logprobs(model, mb.input_ids, mb.attention_mask, tail=tail, with_logits=True)
+        logp, thought_mask, target_mask = logp.float(), mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
+        thought_lp[s : s + micro_batch, width - tail :] = (logp * thought_mask).cpu()
+        target_lp.append(_pick(logp, target_mask, horizon).cpu())
+        hits = logits.argmax(-1) == mb.input_ids[:, -tail:]
+        greedy.append(_pick(hits, target_mask, horizon).cpu())
+        # Entropy only where the policy sampled: the full-vocabulary softmax is the costly part.
+        ent = torch.zeros(thought_mask.shape, device=device)
+        ent[thought_mask] = entropy_from_logits(logits[thought_mask].float())
+        entropy.append((ent.sum(1) / thought_mask.sum(1).clamp(min=1)).cpu())
     return Scored(thought_lp, torch.cat(target_lp), torch.cat(greedy), torch.cat(entropy), batch)
 
 
@@ -121,8 +144,10 @@ def no_think_scores(model, chunks: list[list[int]], positions: list[tuple[int, i
         for i, seq in enumerate(part):
             ids[i, : len(seq)] = torch.tensor(seq)
             attn[i, : len(seq)] = 1
+        # Right padding here; logits are needed only from the earliest target onwards.
+        first = min(p for c, p in positions if s <= c < s + micro_batch) - 1
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logp = token_logprobs(model, ids.to(device), attn.to(device))
-        chunk_logp.extend(logp.float().cpu())
+            logp = token_logprobs(model, ids.to(device), attn.to(device), tail=width - 1 - first)
+        chunk_logp.extend(torch.nn.functional.pad(logp.float().cpu(), (first, 0)))
     # Token p is predicted at shifted index p-1.
     return torch.stack([chunk_logp[c][p - 1 : p - 1 + horizon] for c, p in positions])

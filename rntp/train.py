@@ -54,27 +54,28 @@ def update_policy(policy, ref, optimizer, batch: SequenceBatch, old_logp: torch.
         clipped_tokens = 0.0
         for s in range(0, len(batch), mb_size):
             rows = slice(s, s + mb_size)
-            mb = SequenceBatch(batch.input_ids[rows], batch.attention_mask[rows], batch.thought_mask[rows],
-                               batch.target_mask[rows]).to(device)
+            mb = batch.rows(rows).to(device)
+            tail = mb.tail  # logits only where thoughts and targets are
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast_bf16):
-                logp = token_logprobs(policy, mb.input_ids, mb.attention_mask).float()
-            mask = mb.thought_mask.float()
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows].to(device), advantages[rows].to(device),
-                                                       g.clip_low, g.clip_high)
+                logp = token_logprobs(policy, mb.input_ids, mb.attention_mask, tail=tail).float()
+            thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
+            mask = thought_mask.float()
+            tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows, -tail:].to(device),
+                                                       advantages[rows].to(device), g.clip_low, g.clip_high)
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats["loss/policy"] += loss.item()
             if ref is not None and g.kl_coef > 0:
                 with torch.no_grad():
-                    ref_logp = token_logprobs(ref, mb.input_ids, mb.attention_mask).float()
+                    ref_logp = token_logprobs(ref, mb.input_ids, mb.attention_mask, tail=tail).float()
                 kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
                 loss = loss + g.kl_coef * kl
                 stats["loss/kl"] += kl.item()
             if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                nll = -(logp * mb.target_mask).sum() / target_tokens
+                nll = -(logp * target_mask).sum() / target_tokens
                 loss = loss + g.nll_coef * nll
                 stats["loss/nll"] += nll.item()
             loss.backward()
-            clipped_tokens += float((clipped & mb.thought_mask).sum())
+            clipped_tokens += float((clipped & thought_mask).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,9 +175,8 @@ def train(cfg: Config) -> Path:
                 _, kept_group = torch.unique(group[keep], return_inverse=True)
                 advantages = grpo.group_advantages(rewards[keep], kept_group, cfg.grpo.advantage_scale)
                 idx = keep.nonzero().squeeze(1)
-                b = scored.batch
-                batch = SequenceBatch(b.input_ids[idx], b.attention_mask[idx], b.thought_mask[idx], b.target_mask[idx])
-                update = update_policy(policy, ref, optimizer, batch, scored.thought_logprobs[idx], advantages, cfg)
+                update = update_policy(policy, ref, optimizer, scored.batch.rows(idx), scored.thought_logprobs[idx],
+                                       advantages, cfg)
             else:
                 update = {}
             lr = scheduler.get_last_lr()[0]

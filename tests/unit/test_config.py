@@ -1,0 +1,42 @@
+import pytest
+
+from rntp.config import Config, ConfigError, load_config
+
+pytestmark = pytest.mark.unit
+
+
+def test_defaults_validate():
+    assert load_config().rollout.group_size == Config().rollout.group_size
+
+
+def test_file_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: 7\nrollout:\n  group_size: 8\n")
+    cfg = load_config(f, ["train.steps=3", "grpo.loss_aggregation=token_mean", "optim.betas=[0.9, 0.95]"])
+    assert (cfg.train.steps, cfg.rollout.group_size, cfg.grpo.loss_aggregation) == (3, 8, "token_mean")
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "train.stepz: Extra inputs are not permitted"),
+    ("nonsense=1", "nonsense: Extra inputs are not permitted"),
+    ("rollout.group_size=1", "rollout.group_size"),
+    ("grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
+    ("train.steps=many", "train.steps"),
+])
+def test_bad_keys_and_values_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_positions_must_fit_the_chunk():
+    with pytest.raises(ConfigError, match="cannot fit"):
+        load_config(None, ["data.chunk_tokens=40", "data.min_context=30", "data.horizon=8",
+                           "data.positions_per_chunk=5"])
+
+
+def test_malformed_override_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        load_config(None, ["train.steps"])
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
