@@ -1,0 +1,87 @@
+"""vLLM on CPU: well-formed spans from both samplers, weight push, and the demo path for real."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rewards.scoring import token_logprobs
+from rollout import SamplingSpec, ThinkTags, make_sampler
+from rollout.base import vllm_available
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
+
+
+@pytest.fixture(scope="module")
+def vllm_sampler(tiny_model_dir, tokenizer):
+    sampler = make_sampler("vllm", str(tiny_model_dir), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
+    yield sampler
+    sampler.close()
+
+
+@pytest.fixture(scope="module")
+def hf_sampler(tiny_model_dir, tokenizer):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return make_sampler("hf", str(tiny_model_dir), ThinkTags(tokenizer), policy=policy)
+
+
+@pytest.mark.parametrize("which", ["vllm_sampler", "hf_sampler"])
+def test_samplers_return_well_formed_spans(which, request, tokenizer):
+    sampler = request.getfixturevalue(which)
+    tags = sampler.tags
+    prompts = [tags.prompt(tokenizer.encode("The value returned by the function is", add_special_tokens=False)),
+               tags.prompt(tokenizer.encode("Each line of the file", add_special_tokens=False))]
+    spec = SamplingSpec(n=3, max_tokens=6, seed=11)
+    rollouts = sampler.sample(prompts, spec)
+    assert [r.group for r in rollouts] == [0, 0, 0, 1, 1, 1]
+    for r in rollouts:
+        assert r.prompt_ids == prompts[r.group]
+        assert 0 <= r.n_sampled <= 6
+        if r.closed:
+            assert tags.close_tag in tokenizer.decode(r.thought_ids) and r.n_sampled == len(r.thought_ids)
+        else:
+            assert r.thought_ids[r.n_sampled:] == tags.close_ids and r.n_sampled == 6
+    assert len({tuple(r.thought_ids) for r in rollouts}) > 1  # G samples differ
+    again = sampler.sample(prompts, spec)
+    assert [r.thought_ids for r in again] == [r.thought_ids for r in rollouts]  # same seed, same thoughts
+
+
+def test_weight_push_makes_vllm_match_the_trainer(vllm_sampler, tiny_model_dir, tokenizer):
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seqs = [tokenizer.encode(t, add_special_tokens=False) for t in
+            ("Each module returns a list of names.", "The default argument is the first value.")]
+    before = vllm_sampler.prompt_logprobs(seqs)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    ids = torch.tensor([seqs[0]])
+    (-token_logprobs(policy, ids, torch.ones_like(ids)).sum()).backward()  # one real training step
+    optimizer.step()
+    vllm_sampler.push_weights(policy.state_dict().items())
+    after = vllm_sampler.prompt_logprobs(seqs)
+    policy.eval()
+    for seq, b, a in zip(seqs, before, after):
+        ids = torch.tensor([seq])
+        with torch.no_grad():
+            trainer = token_logprobs(policy, ids, torch.ones_like(ids))[0].tolist()
+        assert max(abs(x - y) for x, y in zip(a[1:], trainer)) < 1e-4
+        assert max(abs(x - y) for x, y in zip(b[1:], trainer)) > 1e-2  # the push changed vLLM's weights
+
+
+@pytest.mark.slow
+def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_path):
+    """The `make demo` path, shortened: the real CLI, SmolLM2-135M, vLLM sampling, wandb offline."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "rntp", "train", "--config", "configs/demo.yaml", "train.steps=2",
+           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint:" in done.stdout and "plot:" in done.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
+    assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "demo" / "checkpoints" / "step_000002" / "model.safetensors").exists()
