@@ -79,7 +79,7 @@ def token_logprobs(model, input_ids, attention_mask, *, tail: int | None = None,
 
 @dataclass
 class Scored:
-    """Per-sequence results of the fused scoring forward (all on CPU, float32)."""
+    """Per-thought results of fused scoring (all on CPU, float32), aligned with `batch`."""
 
     thought_logprobs: torch.Tensor  # [N, L-1] old log-probs, zero outside thought_mask
     target_logprobs: torch.Tensor  # [N, H] log p(target_h | prompt, thought, target_<h)
@@ -88,39 +88,90 @@ class Scored:
     batch: SequenceBatch
 
 
-def _pick(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
-    """Rows of `values` at `mask`, packed left into [B, width] (every row has `width` picks)."""
-    return values[mask].view(values.shape[0], width)
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        attn[i, width - len(s):] = 1
+    return ids, attn
 
 
 @torch.no_grad()
-def score_rollouts(model, rollouts: list[Rollout], targets: list[list[int]], pad_id: int,
-                   micro_batch: int, autocast: bool = False) -> Scored:
-    """One no-grad forward per micro-batch gives both the old log-probs of the thought
-    tokens and the log-probs of the true continuation after the thought (the reward)."""
+def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], pad_id: int,
+                 micro_batch: int, autocast: bool = False) -> tuple[Scored, torch.Tensor]:
+    """Fused scoring of all thoughts, sharing each position's context.
+
+    Per position, one forward over context + target gives the no-think target log-probs and
+    the context's KV cache; the G continuations [OPEN][thought][CLOSE][target] then run on
+    that cache, giving the old log-probs of the thought tokens and the target log-probs after
+    the thought (the reward) in the same pass. The context is computed once, not G times.
+    Returns (Scored, no_think [P, H]). `rollouts[i].group` indexes `contexts` and `targets`.
+    """
+    from transformers import DynamicCache
+
     horizon = len(targets[0])
     if any(len(t) != horizon for t in targets):
         raise ValueError("all targets in a batch must have the same horizon")
-    batch = build_batch(rollouts, targets, pad_id)
+    by_group: dict[int, list[int]] = {}
+    for i, r in enumerate(rollouts):
+        by_group.setdefault(r.group, []).append(i)
+    batch = build_batch(rollouts, [targets[r.group] for r in rollouts], pad_id)
     device = next(model.parameters()).device
-    width = batch.input_ids.shape[1] - 1
-    thought_lp = torch.zeros(batch.thought_mask.shape)
-    target_lp, greedy, entropy = [], [], []
-    for s in range(0, len(batch), micro_batch):
-        mb = batch.rows(slice(s, s + micro_batch)).to(device)
-        tail = mb.tail
+    n = len(rollouts)
+    thought_vals: list[torch.Tensor] = [torch.empty(0)] * n
+    target_lp, greedy = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.bool)
+    entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
+    groups = sorted(by_group)
+    per_step = max(1, micro_batch // max(len(v) for v in by_group.values()))
+    for s in range(0, len(groups), per_step):
+        gs = groups[s : s + per_step]
+        # 1. Context + target, once per position: no-think scores and the context cache.
+        ids, attn = _left_pad([contexts[g] + targets[g] for g in gs], pad_id)
+        ids, attn = ids.to(device), attn.to(device)
+        cache = DynamicCache()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logp, logits = token_logprobs(model, mb.input_ids, mb.attention_mask, tail=tail, with_logits=True)
-        logp, thought_mask, target_mask = logp.float(), mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
-        thought_lp[s : s + micro_batch, width - tail :] = (logp * thought_mask).cpu()
-        target_lp.append(_pick(logp, target_mask, horizon).cpu())
-        hits = logits.argmax(-1) == mb.input_ids[:, -tail:]
-        greedy.append(_pick(hits, target_mask, horizon).cpu())
-        # Entropy only where the policy sampled: the full-vocabulary softmax is the costly part.
-        ent = torch.zeros(thought_mask.shape, device=device)
-        ent[thought_mask] = entropy_from_logits(logits[thought_mask].float())
-        entropy.append((ent.sum(1) / thought_mask.sum(1).clamp(min=1)).cpu())
-    return Scored(thought_lp, torch.cat(target_lp), torch.cat(greedy), torch.cat(entropy), batch)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                        past_key_values=cache, use_cache=True, logits_to_keep=horizon + 1)
+        plain = selective_log_softmax(out.logits[:, :-1].float(), ids[:, -horizon:])
+        for row, g in enumerate(gs):
+            no_think[g] = plain[row].cpu()
+        cache.crop(ids.shape[1] - horizon)  # keep only the context
+        rows = [i for g in gs for i in by_group[g]]
+        source_row = [row for row, g in enumerate(gs) for _ in by_group[g]]
+        cache.batch_select_indices(torch.tensor(source_row, device=device))  # one cache row per thought
+        # 2. The continuations of every thought, right-padded, on the shared context cache.
+        conts = [rollouts[i].prompt_ids[len(contexts[rollouts[i].group]):] + rollouts[i].thought_ids
+                 + targets[rollouts[i].group] for i in rows]
+        width = max(map(len, conts))
+        cont_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        cont_attn = torch.zeros_like(cont_ids)
+        for j, c in enumerate(conts):
+            cont_ids[j, : len(c)] = torch.tensor(c)
+            cont_attn[j, : len(c)] = 1
+        prefix_attn = attn[source_row, : ids.shape[1] - horizon]
+        ctx_len = prefix_attn.sum(-1, keepdim=True)
+        cont_ids, cont_attn = cont_ids.to(device), cont_attn.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=cont_ids, attention_mask=torch.cat([prefix_attn, cont_attn], 1),
+                           position_ids=ctx_len + torch.arange(width, device=device), past_key_values=cache,
+                           use_cache=False).logits[:, :-1].float()
+        logp = selective_log_softmax(logits, cont_ids[:, 1:])
+        for j, i in enumerate(rows):
+            r = rollouts[i]
+            first = len(r.prompt_ids) - len(contexts[r.group]) - 1  # predicts the first thought token
+            span = slice(first, first + r.n_sampled)
+            thought_vals[i] = logp[j, span].cpu()
+            t0 = first + len(r.thought_ids)
+            target_lp[i] = logp[j, t0 : t0 + horizon].cpu()
+            greedy[i] = (logits[j, t0 : t0 + horizon].argmax(-1) == cont_ids[j, t0 + 1 : t0 + 1 + horizon]).cpu()
+            if r.n_sampled:
+                entropy[i] = entropy_from_logits(logits[j, span]).mean().cpu()
+    thought_lp = torch.zeros(batch.thought_mask.shape)
+    for i, vals in enumerate(thought_vals):
+        thought_lp[i, batch.thought_mask[i]] = vals
+    return Scored(thought_lp, target_lp, greedy, entropy, batch), no_think
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from rewards import compute_rewards, get_reward, no_think_scores, score_rollouts, token_logprobs
+from rewards import compute_rewards, get_reward, score_groups, token_logprobs
 from rewards.registry import RewardInputs
 from rewards.scoring import SequenceBatch
 from rntp import grpo
@@ -148,16 +148,12 @@ def train(cfg: Config) -> Path:
                                 seed=cfg.train.seed * 100_003 + step)
             rollouts = sampler.sample([tags.prompt(p.context) for p in positions], spec)
 
-        # 2. Score: old thought log-probs and target log-probs in one forward; no-think once per chunk.
+        # 2. Score: one pass gives the no-think score, the thoughts' old log-probs and the reward.
         with timer("score"):
             policy.eval()
-            targets = [positions[r.group].target for r in rollouts]
-            scored = score_rollouts(policy, rollouts, targets, pad_id, cfg.train.micro_batch, cfg.model.autocast_bf16)
-            chunks = list({p.chunk: None for p in positions})
-            chunk_index = {c: i for i, c in enumerate(chunks)}
-            no_think = no_think_scores(policy, [list(c) for c in chunks],
-                                       [(chunk_index[p.chunk], p.p) for p in positions], cfg.data.horizon, pad_id,
-                                       cfg.train.micro_batch, cfg.model.autocast_bf16)
+            targets = [p.target for p in positions]
+            scored, no_think = score_groups(policy, [p.context for p in positions], rollouts, targets, pad_id,
+                                            cfg.train.micro_batch, cfg.model.autocast_bf16)
             policy.train()
 
         # 3. Rewards and group-relative advantages; a group with a NaN/inf reward is dropped whole.
@@ -192,8 +188,7 @@ def train(cfg: Config) -> Path:
         without = no_think[group].sum(-1) / H
         thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
         sampled_tokens = int(thought_len.sum())
-        scored_tokens = int(scored.batch.attention_mask.sum()) + sum(min(len(c), p.p + H) for c, p in
-                                                                     zip(chunks, positions))
+        scored_tokens = sum(p.p + H for p in positions) + sum(len(r.thought_ids) + 1 + H for r in rollouts)
         update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
         finite = rewards[torch.isfinite(rewards)]
         row = {

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards import no_think_scores, score_rollouts
+from rewards import no_think_scores, score_groups
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration
@@ -23,22 +23,26 @@ def reference_logprobs(model, ids):
     return [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
 
 
-def make_rollouts():
+def make_groups():
+    """Three positions with 2, 3 and 1 thoughts: closed, unclosed (appended close), and empty."""
     gen = torch.Generator().manual_seed(0)
     rand = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
-    rollouts, targets = [], []
-    for i, (ctx, th, closed) in enumerate([(9, 5, True), (14, 3, False), (6, 8, True), (11, 1, False), (5, 0, False)]):
-        thought = rand(th) + ([90, 91] if not closed else [])
-        rollouts.append(Rollout(i // 2, rand(ctx), thought, n_sampled=th, closed=closed))
-        targets.append(rand(4))
-    return rollouts, targets
+    contexts, targets = [rand(9), rand(14), rand(5)], [rand(4), rand(4), rand(4)]
+    open_ids = [44, 17400, 46]
+    rollouts = []
+    for group, sampled, closed in [(0, 5, True), (0, 3, False), (1, 8, True), (1, 1, False), (1, 0, False),
+                                   (2, 6, True)]:
+        thought = rand(sampled) + ([90, 91] if not closed else [])
+        rollouts.append(Rollout(group, contexts[group] + open_ids, thought, n_sampled=sampled, closed=closed))
+    return contexts, rollouts, targets
 
 
-@pytest.mark.parametrize("micro_batch", [1, 2, 8])
-def test_reward_and_old_logprobs_equal_independent_teacher_forcing(model, micro_batch):
-    rollouts, targets = make_rollouts()
-    scored = score_rollouts(model, rollouts, targets, pad_id=0, micro_batch=micro_batch)
-    for i, (r, t) in enumerate(zip(rollouts, targets)):
+@pytest.mark.parametrize("micro_batch", [1, 3, 16])
+def test_fused_scores_equal_independent_teacher_forcing(model, micro_batch):
+    contexts, rollouts, targets = make_groups()
+    scored, no_think = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=micro_batch)
+    for i, r in enumerate(rollouts):
+        t = targets[r.group]
         ref = reference_logprobs(model, r.prompt_ids + r.thought_ids + t)
         want_target = ref[-len(t):]
         start = len(r.prompt_ids) - 1
@@ -46,8 +50,15 @@ def test_reward_and_old_logprobs_equal_independent_teacher_forcing(model, micro_
         assert scored.target_logprobs[i].tolist() == pytest.approx(want_target, abs=2e-4)
         got_thought = scored.thought_logprobs[i][scored.batch.thought_mask[i]].tolist()
         assert got_thought == pytest.approx(want_thought, abs=2e-4)
-        # The reward is the sum of the target log-probs, compared with the reference sum.
+        # The default reward is the sum of the target log-probs, compared with the reference sum.
         assert float(scored.target_logprobs[i].sum()) == pytest.approx(sum(want_target), abs=1e-3)
+        # Greedy hits against an independent argmax.
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([r.prompt_ids + r.thought_ids + t])).logits[0]
+        want_greedy = (logits[-len(t) - 1 : -1].argmax(-1) == torch.tensor(t)).tolist()
+        assert scored.target_greedy[i].tolist() == want_greedy
+    for g, (ctx, t) in enumerate(zip(contexts, targets)):
+        assert no_think[g].tolist() == pytest.approx(reference_logprobs(model, ctx + t)[-len(t):], abs=2e-4)
 
 
 def test_no_think_score_from_one_forward_per_chunk(model):

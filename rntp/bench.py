@@ -1,0 +1,96 @@
+"""`make bench`: throughput of each phase on a config, and the figures the design aims at.
+
+Prints tokens/s of sampling, scoring and update, the share of step time spent scoring, the
+sampler's throughput as a ratio of raw `LLM.generate` on the same requests, weight-push time
+and peak memory. Figures only: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--steps", type=int, default=5, help="training steps to time (the first is warm-up)")
+    parser.add_argument("--sampler-repeats", type=int, default=4)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args(argv)
+
+    from rntp.config import load_config
+    from rntp.train import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(args.config, [*args.overrides, f"run_dir={tmp}/run", f"train.steps={args.steps}",
+                                        "log.wandb_mode=disabled", "log.plot=false", "log.progress=false"])
+        t0 = time.perf_counter()
+        train(cfg)
+        wall = time.perf_counter() - t0
+        rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")][1:]  # drop warm-up
+    med = lambda key: statistics.median(r[key] for r in rows)  # noqa: E731
+    step = med("time/step")
+    print(f"\n== training steps ({cfg.model.name_or_path}, {cfg.train.positions_per_step} positions x G="
+          f"{cfg.rollout.group_size}, T={cfg.rollout.max_thought_tokens}, H={cfg.data.horizon}; median of "
+          f"{len(rows)} steps after warm-up) ==")
+    for phase in ("sample", "score", "update", "sync"):
+        tps = f"{med(f'tokens_per_s/{phase}'):8.1f} tok/s" if f"tokens_per_s/{phase}" in rows[0] else " " * 14
+        print(f"{phase:>8}: {med(f'time/{phase}'):6.2f} s  {tps}  {100 * med(f'time/{phase}') / step:5.1f}% of step")
+    print(f"    step: {step:6.2f} s   whole run incl. start-up: {wall:.1f} s")
+    print(f"scoring share of step time: {100 * med('time/score') / step:.1f}%  (aim < 15%)")
+    print(f"peak memory: {max(r['memory/peak_gb'] for r in rows):.2f} GB")
+    sampler_ratio(cfg, args.sampler_repeats)
+
+
+def sampler_ratio(cfg, repeats: int) -> None:
+    """Our sampler vs raw `LLM.generate` on identical requests, on one engine, interleaved."""
+    from transformers import AutoTokenizer
+
+    from rntp.data import PositionStream
+    from rntp.prepare import resolve_model_path
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout.base import vllm_available
+
+    if cfg.rollout.sampler == "hf" or not vllm_available():
+        print("sampler ratio: skipped (vLLM not in use)")
+        return
+    path = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
+                           cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
+    prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)]
+    spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
+                        cfg.rollout.top_p, seed=1)
+    inputs, params = sampler.requests(prompts, spec)
+    sampler.llm.generate(inputs, params, use_tqdm=False)  # warm-up
+    def timed(fn):
+        sampler.llm.reset_prefix_cache()  # in training every prompt is new: no cache hits for either side
+        t = time.perf_counter()
+        result = fn()
+        return time.perf_counter() - t, result
+
+    ours, raw = [], []
+    for i in range(repeats):  # alternate the order so neither side always runs second
+        calls = [("ours", lambda: sampler.sample(prompts, spec)),
+                 ("raw", lambda: sampler.llm.generate(inputs, params, use_tqdm=False))]
+        for name, fn in calls if i % 2 == 0 else calls[::-1]:
+            seconds, result = timed(fn)
+            (ours if name == "ours" else raw).append(seconds)
+            if name == "raw":
+                outs = result
+    tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
+    print(f"sampler: {tokens / statistics.median(ours):.1f} tok/s ours vs {tokens / statistics.median(raw):.1f} tok/s "
+          f"raw LLM.generate -> ratio {statistics.median(raw) / statistics.median(ours):.3f}  (aim > 0.85)")
+    sampler.close()
+
+
+if __name__ == "__main__":
+    main()
