@@ -1,10 +1,10 @@
 """Scorers (teacher-forced target log-probs) and reward functions, selected by name."""
 
 from rewards.registry import REWARDS, RewardFn, compute_rewards, get_reward, register_reward
-from rewards.scoring import Scored, SequenceBatch, build_batch, no_think_scores, score_groups, token_logprobs
+from rewards.scoring import Scored, SequenceBatch, build_batch, next_token_entropy, score_groups, token_logprobs
 from rewards import functions as _functions  # noqa: F401  (registers the built-in rewards)
 
 __all__ = [
     "REWARDS", "RewardFn", "compute_rewards", "get_reward", "register_reward",
-    "Scored", "SequenceBatch", "build_batch", "no_think_scores", "score_groups", "token_logprobs",
+    "Scored", "SequenceBatch", "build_batch", "next_token_entropy", "score_groups", "token_logprobs",
 ]

@@ -86,6 +86,8 @@ class Scored:
     target_greedy: torch.Tensor  # [N, H] bool: argmax prediction equals the true token
     thought_entropy: torch.Tensor  # [N] mean next-token entropy over the sampled thought tokens
     batch: SequenceBatch
+    no_think_logprobs: torch.Tensor  # [P, H] log p(target_h | context, target_<h), one row per position
+    no_think_greedy: torch.Tensor  # [P, H] bool: greedy prediction without a thought is right
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,14 +102,14 @@ def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
 
 @torch.no_grad()
 def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], pad_id: int,
-                 micro_batch: int, autocast: bool = False) -> tuple[Scored, torch.Tensor]:
+                 micro_batch: int, autocast: bool = False) -> Scored:
     """Fused scoring of all thoughts, sharing each position's context.
 
     Per position, one forward over context + target gives the no-think target log-probs and
     the context's KV cache; the G continuations [OPEN][thought][CLOSE][target] then run on
     that cache, giving the old log-probs of the thought tokens and the target log-probs after
     the thought (the reward) in the same pass. The context is computed once, not G times.
-    Returns (Scored, no_think [P, H]). `rollouts[i].group` indexes `contexts` and `targets`.
+    `rollouts[i].group` indexes `contexts` and `targets`.
     """
     from transformers import DynamicCache
 
@@ -123,6 +125,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     thought_vals: list[torch.Tensor] = [torch.empty(0)] * n
     target_lp, greedy = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.bool)
     entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
+    no_think_greedy = torch.zeros(len(contexts), horizon, dtype=torch.bool)
     groups = sorted(by_group)
     per_step = max(1, micro_batch // max(len(v) for v in by_group.values()))
     for s in range(0, len(groups), per_step):
@@ -135,8 +138,9 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
             out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                         past_key_values=cache, use_cache=True, logits_to_keep=horizon + 1)
         plain = selective_log_softmax(out.logits[:, :-1].float(), ids[:, -horizon:])
+        plain_hits = out.logits[:, :-1].argmax(-1) == ids[:, -horizon:]
         for row, g in enumerate(gs):
-            no_think[g] = plain[row].cpu()
+            no_think[g], no_think_greedy[g] = plain[row].cpu(), plain_hits[row].cpu()
         cache.crop(ids.shape[1] - horizon)  # keep only the context
         rows = [i for g in gs for i in by_group[g]]
         source_row = [row for row, g in enumerate(gs) for _ in by_group[g]]
@@ -171,7 +175,35 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     thought_lp = torch.zeros(batch.thought_mask.shape)
     for i, vals in enumerate(thought_vals):
         thought_lp[i, batch.thought_mask[i]] = vals
-    return Scored(thought_lp, target_lp, greedy, entropy, batch), no_think
+    return Scored(thought_lp, target_lp, greedy, entropy, batch, no_think, no_think_greedy)
+
+
+@torch.no_grad()
+def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batch: int) -> torch.Tensor:
+    """Entropy (nats) of the model's next-token distribution after each context, [P]."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(contexts), micro_batch):
+        ids, attn = _left_pad(contexts[s : s + micro_batch], pad_id)
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        out.append(entropy_from_logits(logits).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batch: int) -> torch.Tensor:
+    """Entropy (nats) of the model's next-token distribution after each context, [P]."""
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(contexts), micro_batch):
+        ids, attn = _left_pad(contexts[s : s + micro_batch], pad_id)
+        ids, attn = ids.to(device), attn.to(device)
+        logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                       logits_to_keep=1, use_cache=False).logits[:, -1].float()
+        out.append(entropy_from_logits(logits).cpu())
+    return torch.cat(out)
 
 
 @torch.no_grad()

@@ -26,6 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     p_data = sub.add_parser("prepare-data", help="build the offline default corpus (stdlib docstrings)")
     p_data.add_argument("--force", action="store_true")
     sub.add_parser("rewards", help="list registered rewards and their formulas")
+    p_eval = sub.add_parser("eval", help="evaluate models/checkpoints on held-out text (fixed, seeded positions)")
+    p_eval.add_argument("--model", action="append", required=True,
+                        help="a model folder, checkpoint, run folder (base + every checkpoint) or hub name; repeatable")
+    p_eval.add_argument("--data", help="held-out data (same formats as training); default: eval.data / data.source")
+    p_eval.add_argument("--config", help="YAML config (data, rollout and eval sections are used)")
+    p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
+    p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
+    p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
     args = parser.parse_args(argv)
     _setup_env()
 
@@ -47,6 +55,21 @@ def main(argv: list[str] | None = None) -> int:
             from rntp.prepare import prepare_corpus
 
             print(prepare_corpus(force=args.force))
+        elif args.command == "eval":
+            from pathlib import Path
+
+            from rntp.config import load_config
+
+            overrides = list(args.overrides) + ([f"eval.data={args.data}"] if args.data else [])
+            cfg = load_config(args.config, overrides)
+            from rntp.evaluate import run_eval
+
+            out = Path(args.out) if args.out else Path(args.model[0]) / "eval"
+            if not args.out and not Path(args.model[0]).is_dir():
+                out = Path("runs") / "eval"
+            report = run_eval(args.model, cfg, out, args.sampler)
+            print(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
+                  f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
         elif args.command == "rewards":
             from rewards import REWARDS
 

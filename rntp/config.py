@@ -109,6 +109,25 @@ class LogConfig(Section):
     sample_thoughts: int = Field(2, ge=0, description="thoughts printed to samples.jsonl per step")
 
 
+class EvalConfig(Section):
+    """Held-out evaluation, by `rntp eval` and periodically during training."""
+
+    every: int = Field(0, ge=0, description="during training: evaluate every N steps (0 = off)")
+    data: str | None = Field(None, description="held-out source; None = data.source with `split`")
+    split: str = "heldout"
+    num_positions: int = Field(32, ge=1)
+    thoughts: int = Field(4, ge=1, description="k sampled thoughts per position")
+    max_thought_tokens: int | None = Field(None, ge=1, description="None = rollout.max_thought_tokens")
+    temperature: float = Field(1.0, gt=0)
+    seed: int = 1234
+    batch_positions: int = Field(8, ge=1, description="positions per scoring batch (bounds memory)")
+    # Difficulty = next-token entropy (nats) of the base model at the position.
+    easy_below: float = Field(1.0, ge=0)
+    hard_above: float = Field(3.0, ge=0)
+    base_model: str | None = Field(None, description="model that defines difficulty; None = model.name_or_path")
+    samples: int = Field(4, ge=0, description="thoughts kept for reading")
+
+
 class TrainConfig(Section):
     steps: int = Field(20, ge=1)
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
@@ -127,6 +146,7 @@ class Config(Section):
     grpo: GRPOConfig = GRPOConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
     log: LogConfig = LogConfig()
 
 

@@ -35,6 +35,7 @@ class Position:
     horizon: int
     doc: int  # provenance: document index in the (shuffled) stream, and chunk index within it
     chunk_index: int
+    epoch: int = 0
 
     @property
     def context(self) -> list[int]:
@@ -204,7 +205,7 @@ class PositionStream:
                         # Advance the cursor past this position before handing it out.
                         self.doc, self.chunk, self.pos = doc, ci, pi + 1
                         yielded = True
-                        yield Position(frozen, p, self.cfg.horizon, doc, ci)
+                        yield Position(frozen, p, self.cfg.horizon, doc, ci, self.epoch)
                     self.doc, self.chunk, self.pos = doc, ci + 1, 0
                 self.doc, self.chunk, self.pos = doc + 1, 0, 0
             if whole_epoch and not yielded:
@@ -216,3 +217,13 @@ class PositionStream:
         if self._it is None:
             self._it = self._generate()
         return [next(self._it) for _ in range(n)]
+
+    def first_epoch(self, n: int) -> list[Position]:
+        """Up to n positions from one pass over the data (for evaluation: no repeats)."""
+        out: list[Position] = []
+        while len(out) < n:
+            p = self.take(1)[0]
+            if p.epoch > 0:
+                break
+            out.append(p)
+        return out

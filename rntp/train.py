@@ -26,6 +26,7 @@ from rntp import grpo
 from rntp.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
 from rntp.config import Config
 from rntp.data import PositionStream
+from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.prepare import resolve_model_path
 from rollout import SamplingSpec, ThinkTags, make_sampler
@@ -108,6 +109,11 @@ def train(cfg: Config) -> Path:
         ref = load_policy(base_path, cfg).eval().requires_grad_(False)
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     stream = PositionStream(cfg.data, tokenizer)
+    evalset = None
+    if cfg.eval.every:  # fixed held-out positions; difficulty by the base model
+        difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
+        evalset = build_eval_set(cfg, tokenizer, policy if difficulty_path == model_path else
+                                 load_policy(difficulty_path, cfg))
 
     # Optimizer and schedule.
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
@@ -152,8 +158,9 @@ def train(cfg: Config) -> Path:
         with timer("score"):
             policy.eval()
             targets = [p.target for p in positions]
-            scored, no_think = score_groups(policy, [p.context for p in positions], rollouts, targets, pad_id,
-                                            cfg.train.micro_batch, cfg.model.autocast_bf16)
+            scored = score_groups(policy, [p.context for p in positions], rollouts, targets, pad_id,
+                                  cfg.train.micro_batch, cfg.model.autocast_bf16)
+            no_think = scored.no_think_logprobs
             policy.train()
 
         # 3. Rewards and group-relative advantages; a group with a NaN/inf reward is dropped whole.
@@ -212,6 +219,11 @@ def train(cfg: Config) -> Path:
             "memory/peak_gb": peak_memory_gb(),
             **{f"data/{k}": v for k, v in stream.stats.items()},
         }
+        if evalset is not None and step % cfg.eval.every == 0:
+            with timer("eval"):
+                result = evaluate_policy(policy, sampler, tags, evalset, cfg, progress=False)
+            row.update({f"eval/{k}": v for k, v in result["metrics"].items()})
+            row["time/eval"] = timer.seconds["eval"]
         metrics.log(step, row)
         for r, reward in list(zip(rollouts, rewards.tolist()))[: cfg.log.sample_thoughts]:
             pos = positions[r.group]

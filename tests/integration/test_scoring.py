@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards import no_think_scores, score_groups
+from rewards import next_token_entropy, score_groups
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,8 @@ def make_groups():
 @pytest.mark.parametrize("micro_batch", [1, 3, 16])
 def test_fused_scores_equal_independent_teacher_forcing(model, micro_batch):
     contexts, rollouts, targets = make_groups()
-    scored, no_think = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=micro_batch)
+    scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=micro_batch)
+    no_think = scored.no_think_logprobs
     for i, r in enumerate(rollouts):
         t = targets[r.group]
         ref = reference_logprobs(model, r.prompt_ids + r.thought_ids + t)
@@ -59,13 +60,15 @@ def test_fused_scores_equal_independent_teacher_forcing(model, micro_batch):
         assert scored.target_greedy[i].tolist() == want_greedy
     for g, (ctx, t) in enumerate(zip(contexts, targets)):
         assert no_think[g].tolist() == pytest.approx(reference_logprobs(model, ctx + t)[-len(t):], abs=2e-4)
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ctx + t])).logits[0]
+        assert scored.no_think_greedy[g].tolist() == (logits[-len(t) - 1 : -1].argmax(-1) == torch.tensor(t)).tolist()
 
 
-def test_no_think_score_from_one_forward_per_chunk(model):
-    gen = torch.Generator().manual_seed(1)
-    chunks = [torch.randint(100, 40000, (30,), generator=gen).tolist() for _ in range(3)]
-    positions = [(0, 5), (0, 20), (1, 12), (2, 26)]
-    got = no_think_scores(model, chunks, positions, horizon=4, pad_id=0, micro_batch=2)
-    for row, (c, p) in zip(got, positions):
-        ref = reference_logprobs(model, chunks[c][: p + 4])
-        assert row.tolist() == pytest.approx(ref[-4:], abs=2e-4)
+def test_next_token_entropy_against_softmax_by_hand(model):
+    contexts = [[300, 301, 302], [400, 401, 402, 403, 404], [500]]
+    got = next_token_entropy(model, contexts, pad_id=0, micro_batch=2)
+    for row, ctx in zip(got, contexts):
+        with torch.no_grad():
+            p = torch.softmax(model(input_ids=torch.tensor([ctx])).logits[0, -1].double(), -1)
+        assert float(row) == pytest.approx(float(-(p * p.log()).sum()), abs=1e-4)

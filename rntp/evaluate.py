@@ -1,0 +1,268 @@
+"""Held-out evaluation: does thinking help a checkpoint predict text it never trained on?
+
+Positions are drawn once from the held-out data with a fixed seed, so every checkpoint is
+measured on identical positions. For each position: the no-think NLL of the H target tokens,
+k sampled thoughts with their scores, greedy accuracy with and without thinking, and the base
+model's next-token entropy (the difficulty bucket). Output schema: see `SCHEMA` below.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from rewards import next_token_entropy, score_groups
+from rntp.config import Config
+from rntp.data import Position, PositionStream
+from rollout import SamplingSpec, ThinkTags
+
+log = logging.getLogger(__name__)
+
+SCHEMA = {
+    "schema": "rntp.eval/1",
+    "fields": {
+        "nll_no_think": "mean NLL of target tokens without a thought, nats/token",
+        "bpb_no_think": "the same in bits per UTF-8 byte of the targets",
+        "nll_think_mean": "mean over thoughts of the target NLL after the thought, nats/token",
+        "nll_think_marginal": "-log(mean_k p(target | thought_k)) / H: the marginal over thoughts",
+        "nll_think_best": "NLL after the best of the k thoughts, nats/token",
+        "bpb_think_mean": "nll_think_mean in bits per byte",
+        "info_gain": "nll_no_think - nll_think_mean (nats/token; > 0 means thinking helps)",
+        "info_gain_marginal": "nll_no_think - nll_think_marginal",
+        "info_gain/<bucket>": "info_gain over positions whose base-model next-token entropy is easy/medium/hard",
+        "positions/<bucket>": "number of positions in the bucket",
+        "acc_no_think": "teacher-forced greedy top-1 accuracy on the target tokens, no thought",
+        "acc_think": "the same after each thought, averaged over thoughts",
+        "thought_len_mean/p50/p90/max": "sampled thought tokens",
+        "truncated_frac": "thoughts that hit the budget without closing",
+    },
+}
+
+
+def token_byte_lengths(tokenizer, ids: list[int]) -> list[int]:
+    """UTF-8 bytes that each token stands for. In a byte-level BPE vocabulary every byte is
+    one character of the token string, so its length is the byte count, exact even when a
+    token holds half of a multi-byte character. Other tokenizers: differences of decodes."""
+    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
+    if type(decoder).__name__ == "ByteLevel":
+        return [len(t) for t in tokenizer.convert_ids_to_tokens(ids)]
+    lengths, done = [], 0
+    for i in range(len(ids)):
+        total = len(tokenizer.decode(ids[: i + 1]).encode("utf-8"))
+        lengths.append(total - done)
+        done = total
+    return lengths
+
+
+@dataclass
+class EvalSet:
+    positions: list[Position]
+    difficulty: torch.Tensor  # [P] base-model next-token entropy at each position (nats)
+    target_bytes: torch.Tensor  # [P]
+    skipped: dict
+
+
+def build_eval_set(cfg: Config, tokenizer, base_model) -> EvalSet:
+    """The fixed positions: one pass over the held-out data, seeded by eval.seed."""
+    e = cfg.eval
+    data_cfg = cfg.data.model_copy(update={"source": e.data or cfg.data.source, "seed": e.seed, "shuffle": True})
+    stream = PositionStream(data_cfg, tokenizer, split=e.split)
+    positions = stream.first_epoch(e.num_positions)
+    contexts = [p.context for p in positions]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    difficulty = next_token_entropy(base_model, contexts, pad_id, e.batch_positions)
+    target_bytes = torch.tensor([sum(token_byte_lengths(tokenizer, p.target)) for p in positions])
+    return EvalSet(positions, difficulty, target_bytes, dict(stream.stats))
+
+
+def _quantiles(values: list[float]) -> dict:
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
+    return {"thought_len_mean": sum(v) / len(v), "thought_len_p50": pick(0.5), "thought_len_p90": pick(0.9),
+            "thought_len_max": v[-1]}
+
+
+@torch.no_grad()
+def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Config, progress: bool = True) -> dict:
+    """All metrics for one model on the fixed positions; also returns a few samples."""
+    e, H = cfg.eval, cfg.data.horizon
+    tokenizer = tags.tokenizer
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    budget = e.max_thought_tokens or cfg.rollout.max_thought_tokens
+    was_training = model.training
+    model.eval()
+    think, plain, hits_think, hits_plain, lengths, closed, samples = [], [], [], [], [], [], []
+    batches = range(0, len(evalset.positions), e.batch_positions)
+    for b in tqdm(batches, desc="eval", disable=not progress, leave=False):
+        chunk = evalset.positions[b : b + e.batch_positions]
+        spec = SamplingSpec(e.thoughts, budget, e.temperature, 1.0, seed=e.seed * 1_000_003 + b)
+        rollouts = sampler.sample([tags.prompt(p.context) for p in chunk], spec)
+        scored = score_groups(model, [p.context for p in chunk], rollouts, [p.target for p in chunk], pad_id,
+                              cfg.train.micro_batch, cfg.model.autocast_bf16)
+        think.append(scored.target_logprobs.sum(-1).view(len(chunk), e.thoughts).double())
+        plain.append(scored.no_think_logprobs.sum(-1).double())
+        hits_think.append(scored.target_greedy.float().mean(-1).view(len(chunk), e.thoughts))
+        hits_plain.append(scored.no_think_greedy.float().mean(-1))
+        lengths += [r.n_sampled for r in rollouts]
+        closed += [r.closed for r in rollouts]
+        for r, s in zip(rollouts, scored.target_logprobs.sum(-1).tolist()):
+            if len(samples) < e.samples and r.group % e.thoughts == 0:
+                p = chunk[r.group]
+                samples.append({"context_tail": tokenizer.decode(p.context[-64:]),
+                                "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(p.target),
+                                "score": s, "no_think_score": float(scored.no_think_logprobs[r.group].sum())})
+    model.train(was_training)
+    think, plain = torch.cat(think), torch.cat(plain)  # [P, k] and [P] summed log-probs
+    marginal = torch.logsumexp(think, -1) - math.log(e.thoughts)
+    n_tokens = H * len(plain)
+    ln2_bytes = math.log(2) * float(evalset.target_bytes.sum())
+    m = {
+        "nll_no_think": float(-plain.sum() / n_tokens),
+        "bpb_no_think": float(-plain.sum() / ln2_bytes),
+        "nll_think_mean": float(-think.mean(-1).sum() / n_tokens),
+        "nll_think_marginal": float(-marginal.sum() / n_tokens),
+        "nll_think_best": float(-think.max(-1).values.sum() / n_tokens),
+        "bpb_think_mean": float(-think.mean(-1).sum() / ln2_bytes),
+        "acc_no_think": float(torch.cat(hits_plain).mean()),
+        "acc_think": float(torch.cat(hits_think).mean()),
+        "truncated_frac": 1 - sum(closed) / len(closed),
+        **_quantiles([float(x) for x in lengths]),
+    }
+    m["info_gain"] = m["nll_no_think"] - m["nll_think_mean"]
+    m["info_gain_marginal"] = m["nll_no_think"] - m["nll_think_marginal"]
+    gain = (think.mean(-1) - plain) / H  # per position, nats/token
+    d = evalset.difficulty
+    buckets = {"easy": d < e.easy_below, "hard": d > e.hard_above}
+    buckets["medium"] = ~(buckets["easy"] | buckets["hard"])
+    for name, mask in buckets.items():
+        m[f"positions/{name}"] = int(mask.sum())
+        m[f"info_gain/{name}"] = float(gain[mask].mean()) if mask.any() else None
+    return {"metrics": m, "samples": samples}
+
+
+# ---- `rntp eval`: one or many models / checkpoints, with a report --------------------------------
+
+def discover(paths: list[str]) -> list[dict]:
+    """Expand run folders into [base model, checkpoint 1, checkpoint 2, ...]."""
+    import yaml
+
+    from rntp.prepare import resolve_model_path
+
+    found = []
+    for path in paths:
+        run = Path(path)
+        ckpts = sorted((run / "checkpoints").glob("step_*")) if (run / "checkpoints").is_dir() else []
+        if ckpts:
+            config = run / "config.yaml"
+            if config.exists():
+                base = yaml.safe_load(config.read_text())["model"]["name_or_path"]
+                found.append({"label": f"base ({base})", "step": 0, "path": resolve_model_path(base)})
+            for c in ckpts:
+                found.append({"label": c.name, "step": int(c.name.split("_")[1]), "path": resolve_model_path(str(c))})
+        else:
+            found.append({"label": Path(path).name or path, "step": None, "path": resolve_model_path(path)})
+    return found
+
+
+def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: str = "auto") -> dict:
+    from transformers import AutoTokenizer
+
+    from rntp.prepare import resolve_model_path
+    from rntp.train import load_policy
+    from rollout import make_sampler
+
+    models = discover(model_paths)  # every path is checked before any model loads
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(models[0]["path"])
+    base = load_policy(resolve_model_path(cfg.eval.base_model or cfg.model.name_or_path), cfg)
+    evalset = build_eval_set(cfg, tokenizer, base)
+    del base
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    results = []
+    for entry in tqdm(models, desc="models", disable=len(models) == 1):
+        model = load_policy(entry["path"], cfg)
+        if len(AutoTokenizer.from_pretrained(entry["path"])) != len(tokenizer):
+            raise ValueError(f"{entry['path']} has a different tokenizer; positions would not be comparable")
+        budget = cfg.eval.max_thought_tokens or cfg.rollout.max_thought_tokens
+        sampler = make_sampler(sampler_kind, entry["path"], tags, policy=model, dtype=cfg.model.dtype,
+                               seed=cfg.eval.seed, max_model_len=cfg.data.chunk_tokens + budget + 16,
+                               vllm_cfg=cfg.rollout.vllm)
+        result = evaluate_policy(model, sampler, tags, evalset, cfg)
+        sampler.close()
+        results.append({**entry, **result})
+        log.info("%s: %s", entry["label"], {k: round(v, 4) for k, v in result["metrics"].items()
+                                             if isinstance(v, float)})
+    report = {**SCHEMA, "data": cfg.eval.data or cfg.data.source, "split": cfg.eval.split,
+              "positions": len(evalset.positions), "seed": cfg.eval.seed, "thoughts": cfg.eval.thoughts,
+              "horizon": cfg.data.horizon, "skipped": evalset.skipped, "results": results}
+    (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
+    write_tables(report, out_dir)
+    return report
+
+
+TABLE_KEYS = ["nll_no_think", "nll_think_mean", "nll_think_marginal", "nll_think_best", "info_gain",
+              "info_gain/easy", "info_gain/medium", "info_gain/hard", "bpb_no_think", "acc_no_think", "acc_think",
+              "thought_len_mean", "truncated_frac"]
+
+
+def write_tables(report: dict, out_dir: Path) -> None:
+    rows = report["results"]
+    with open(out_dir / "eval.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["model", "step", *TABLE_KEYS])
+        for r in rows:
+            writer.writerow([r["label"], r["step"], *(r["metrics"].get(k) for k in TABLE_KEYS)])
+    fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [f"# Evaluation on {report['data']} ({report['positions']} positions, k={report['thoughts']}, "
+             f"H={report['horizon']}, seed {report['seed']})", "",
+             "| model | step | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 2) + "|"]
+    lines += [f"| {r['label']} | {fmt(r['step'])} | " + " | ".join(fmt(r["metrics"].get(k)) for k in TABLE_KEYS)
+              + " |" for r in rows]
+    plot = plot_against_step(rows, out_dir)
+    if plot:
+        lines += ["", f"![metrics against step]({plot.name})"]
+    lines += ["", "## Sample thoughts", ""]
+    for r in rows[-1:]:
+        for s in r["samples"]:
+            lines += [f"- **context** …{s['context_tail']!r}", f"  **thought** {s['thought']!r}",
+                      f"  **target** {s['target']!r} (score {s['score']:.2f}, no-think {s['no_think_score']:.2f})"]
+    (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
+    body = "".join(f"<tr><td>{html.escape(r['label'])}</td><td>{fmt(r['step'])}</td>"
+                   + "".join(f"<td>{fmt(r['metrics'].get(k))}</td>" for k in TABLE_KEYS) + "</tr>" for r in rows)
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in ["model", "step", *TABLE_KEYS])
+    (out_dir / "eval.html").write_text(
+        f"<html><head><meta charset='utf-8'><title>RNTP eval</title></head><body>"
+        f"<h1>Evaluation on {html.escape(str(report['data']))}</h1><table border=1 cellpadding=4>"
+        f"<tr>{head}</tr>{body}</table>" + (f"<p><img src='{plot.name}'></p>" if plot else "") + "</body></html>")
+
+
+def plot_against_step(rows: list[dict], out_dir: Path) -> Path | None:
+    stepped = [r for r in rows if r["step"] is not None]
+    if len(stepped) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("nll_no_think", "nll_think_mean", "nll_think_marginal"), ("info_gain",), ("acc_no_think", "acc_think")]
+    fig, axes = plt.subplots(1, len(keys), figsize=(15, 3.8))
+    for ax, group in zip(axes, keys):
+        for k in group:
+            ax.plot([r["step"] for r in stepped], [r["metrics"][k] for r in stepped], marker="o", label=k)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = out_dir / "eval.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

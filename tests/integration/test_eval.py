@@ -1,0 +1,100 @@
+"""Held-out evaluation: independent NLL, bits per byte on multi-byte text, determinism, reports."""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rntp.evaluate import build_eval_set, evaluate_policy, run_eval, token_byte_lengths
+from rntp.train import train
+from rollout import ThinkTags, make_sampler
+
+pytestmark = pytest.mark.integration
+
+
+def eval_config(tiny_config, *extra):
+    return tiny_config("eval.num_positions=6", "eval.thoughts=3", "eval.batch_positions=4", "eval.samples=2",
+                       *extra)
+
+
+def test_no_think_nll_equals_transformers_loss_and_bpb_follows(tiny_config, tiny_model_dir, tokenizer):
+    cfg = eval_config(tiny_config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    evalset = build_eval_set(cfg, tokenizer, model)
+    sampler = make_sampler("hf", str(tiny_model_dir), ThinkTags(tokenizer), policy=model)
+    m = evaluate_policy(model, sampler, ThinkTags(tokenizer), evalset, cfg, progress=False)["metrics"]
+    losses = []
+    for p in evalset.positions:
+        ids = torch.tensor([p.context + p.target])
+        labels = torch.tensor([[-100] * len(p.context) + p.target])
+        with torch.no_grad():
+            losses.append(float(model(input_ids=ids, labels=labels).loss))  # mean over the H target tokens
+    assert len(losses) == 6
+    assert m["nll_no_think"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
+    total_bytes = sum(len(tokenizer.decode(p.target).encode("utf-8")) for p in evalset.positions)
+    nats = m["nll_no_think"] * cfg.data.horizon * len(losses)
+    assert m["bpb_no_think"] == pytest.approx(nats / math.log(2) / total_bytes, rel=1e-6)
+    # k thoughts: the marginal lies between the mean and the best (Jensen, and max >= mean)
+    assert m["nll_think_best"] <= m["nll_think_marginal"] + 1e-9 <= m["nll_think_mean"] + 2e-9
+    assert m["info_gain"] == pytest.approx(m["nll_no_think"] - m["nll_think_mean"])
+    assert sum(m[f"positions/{b}"] for b in ("easy", "medium", "hard")) == 6
+    assert 0 <= m["acc_no_think"] <= 1 and 0 <= m["truncated_frac"] <= 1
+
+
+def test_token_bytes_are_exact_on_multibyte_text(tokenizer):
+    text = "naïve café — 東京の空 🙂 ok"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    lengths = token_byte_lengths(tokenizer, ids)
+    assert sum(lengths) == len(text.encode("utf-8"))
+    # some token holds part of a character: decoding it alone cannot give its bytes
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)
+
+
+def test_same_checkpoint_data_and_seed_give_the_same_numbers(tiny_config, tiny_model_dir, tmp_path):
+    cfg = eval_config(tiny_config)
+    a = run_eval([str(tiny_model_dir)], cfg, tmp_path / "a", sampler_kind="hf")
+    b = run_eval([str(tiny_model_dir)], cfg, tmp_path / "b", sampler_kind="hf")
+    assert a["results"][0]["metrics"] == b["results"][0]["metrics"]
+    assert a["results"][0]["samples"] == b["results"][0]["samples"]
+
+
+def test_run_folder_evaluates_base_and_every_checkpoint_with_reports(tiny_config, tmp_path):
+    train(tiny_config("train.steps=2", "train.save_every=1"))
+    cfg = eval_config(tiny_config)
+    report = run_eval([str(tmp_path / "run")], cfg, tmp_path / "eval", sampler_kind="hf")
+    assert [r["step"] for r in report["results"]] == [0, 1, 2]
+    assert report["schema"] == "rntp.eval/1" and report["positions"] == 6
+    on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert on_disk["results"][2]["metrics"] == report["results"][2]["metrics"]
+    for name in ("eval.md", "eval.html", "eval.csv", "eval.png"):
+        assert (tmp_path / "eval" / name).stat().st_size > 0
+    assert "| step_000002 | 2 |" in (tmp_path / "eval" / "eval.md").read_text()
+    # training moved the model, so the same positions score differently
+    assert report["results"][0]["metrics"]["nll_no_think"] != report["results"][2]["metrics"]["nll_no_think"]
+
+
+def test_periodic_eval_during_training(tiny_config, tmp_path):
+    train(eval_config(tiny_config, "train.steps=2", "eval.every=2"))
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert "eval/nll_no_think" not in rows[0] and rows[1]["eval/nll_no_think"] > 0
+    assert rows[1]["time/eval"] > 0
+
+
+def test_bad_eval_input_is_a_clear_error(tiny_config, tmp_path):
+    cfg = eval_config(tiny_config)
+    (tmp_path / "no-weights").mkdir()
+    (tmp_path / "no-weights" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no weights"):
+        run_eval([str(tmp_path / "no-weights")], cfg, tmp_path / "out", sampler_kind="hf")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(ValueError, match="no documents could be read"):
+        run_eval([str(cfg.model.name_or_path)], eval_config(tiny_config, f"eval.data={empty}"), tmp_path / "out",
+                 sampler_kind="hf")
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "a few words only"}) + "\n")
+    with pytest.raises(ValueError, match="no usable positions.*short_docs"):
+        run_eval([str(cfg.model.name_or_path)], eval_config(tiny_config, f"eval.data={short}"), tmp_path / "out",
+                 sampler_kind="hf")
