@@ -82,12 +82,55 @@ class Scored:
     """Per-thought results of fused scoring (all on CPU, float32), aligned with `batch`."""
 
     thought_logprobs: torch.Tensor  # [N, L-1] old log-probs, zero outside thought_mask
+    target_ids: torch.Tensor  # [N, H]
     target_logprobs: torch.Tensor  # [N, H] log p(target_h | prompt, thought, target_<h)
-    target_greedy: torch.Tensor  # [N, H] bool: argmax prediction equals the true token
+    target_pred: torch.Tensor  # [N, H] argmax prediction at each target token (teacher-forced)
     thought_entropy: torch.Tensor  # [N] mean next-token entropy over the sampled thought tokens
     batch: SequenceBatch
     no_think_logprobs: torch.Tensor  # [P, H] log p(target_h | context, target_<h), one row per position
     no_think_greedy: torch.Tensor  # [P, H] bool: greedy prediction without a thought is right
+
+    @property
+    def target_greedy(self) -> torch.Tensor:
+        return self.target_pred == self.target_ids
+
+
+def _context_forward(model, contexts, targets, pad_id: int, autocast: bool, keep_cache: bool):
+    """One left-padded forward over context + target: no-think target log-probs [B, H], greedy
+    hits [B, H], the KV cache (when asked) and the attention mask."""
+    from transformers import DynamicCache
+
+    horizon = len(targets[0])
+    device = next(model.parameters()).device
+    ids, attn = _left_pad([c + t for c, t in zip(contexts, targets)], pad_id)
+    ids, attn = ids.to(device), attn.to(device)
+    cache = DynamicCache() if keep_cache else None
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
+                    past_key_values=cache, use_cache=keep_cache, logits_to_keep=horizon + 1)
+    logits = out.logits[:, :-1].float()
+    return selective_log_softmax(logits, ids[:, -horizon:]), logits.argmax(-1) == ids[:, -horizon:], cache, attn
+
+
+@torch.no_grad()
+def no_think_logprobs(model, contexts: list[list[int]], targets: list[list[int]], pad_id: int, micro_batch: int,
+                      autocast: bool = False) -> torch.Tensor:
+    """log p(target_h | context, target_<h) per position, [P, H] (for a baseline model)."""
+    rows = []
+    for s in range(0, len(contexts), micro_batch):
+        logp, _, _, _ = _context_forward(model, contexts[s : s + micro_batch], targets[s : s + micro_batch], pad_id,
+                                         autocast, keep_cache=False)
+        rows.append(logp.cpu())
+    return torch.cat(rows)
+
+
+@torch.no_grad()
+def position_entropies(model, ids: list[int]) -> torch.Tensor:
+    """Entropy (nats) of the next-token distribution at every position of one sequence, [len(ids)]:
+    entry p is the entropy of the prediction of ids[p] from ids[:p]; entry 0 is NaN."""
+    device = next(model.parameters()).device
+    logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
+    return torch.cat([torch.tensor([float("nan")]), entropy_from_logits(logits).cpu()])
 
 
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,8 +154,6 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     the thought (the reward) in the same pass. The context is computed once, not G times.
     `rollouts[i].group` indexes `contexts` and `targets`.
     """
-    from transformers import DynamicCache
-
     horizon = len(targets[0])
     if any(len(t) != horizon for t in targets):
         raise ValueError("all targets in a batch must have the same horizon")
@@ -123,7 +164,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     device = next(model.parameters()).device
     n = len(rollouts)
     thought_vals: list[torch.Tensor] = [torch.empty(0)] * n
-    target_lp, greedy = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.bool)
+    target_lp, pred = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.long)
     entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
     no_think_greedy = torch.zeros(len(contexts), horizon, dtype=torch.bool)
     groups = sorted(by_group)
@@ -131,17 +172,12 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     for s in range(0, len(groups), per_step):
         gs = groups[s : s + per_step]
         # 1. Context + target, once per position: no-think scores and the context cache.
-        ids, attn = _left_pad([contexts[g] + targets[g] for g in gs], pad_id)
-        ids, attn = ids.to(device), attn.to(device)
-        cache = DynamicCache()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                        past_key_values=cache, use_cache=True, logits_to_keep=horizon + 1)
-        plain = selective_log_softmax(out.logits[:, :-1].float(), ids[:, -horizon:])
-        plain_hits = out.logits[:, :-1].argmax(-1) == ids[:, -horizon:]
+        plain, plain_hits, cache, attn = _context_forward(model, [contexts[g] for g in gs], [targets[g] for g in gs],
+                                                          pad_id, autocast, keep_cache=True)
         for row, g in enumerate(gs):
             no_think[g], no_think_greedy[g] = plain[row].cpu(), plain_hits[row].cpu()
-        cache.crop(ids.shape[1] - horizon)  # keep only the context
+        context_width = attn.shape[1] - horizon
+        cache.crop(context_width)  # keep only the context
         rows = [i for g in gs for i in by_group[g]]
         source_row = [row for row, g in enumerate(gs) for _ in by_group[g]]
         cache.batch_select_indices(torch.tensor(source_row, device=device))  # one cache row per thought
@@ -154,7 +190,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
         for j, c in enumerate(conts):
             cont_ids[j, : len(c)] = torch.tensor(c)
             cont_attn[j, : len(c)] = 1
-        prefix_attn = attn[source_row, : ids.shape[1] - horizon]
+        prefix_attn = attn[source_row, :context_width]
         ctx_len = prefix_attn.sum(-1, keepdim=True)
         cont_ids, cont_attn = cont_ids.to(device), cont_attn.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -169,13 +205,14 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
             thought_vals[i] = logp[j, span].cpu()
             t0 = first + len(r.thought_ids)
             target_lp[i] = logp[j, t0 : t0 + horizon].cpu()
-            greedy[i] = (logits[j, t0 : t0 + horizon].argmax(-1) == cont_ids[j, t0 + 1 : t0 + 1 + horizon]).cpu()
+            pred[i] = logits[j, t0 : t0 + horizon].argmax(-1).cpu()
             if r.n_sampled:
                 entropy[i] = entropy_from_logits(logits[j, span]).mean().cpu()
     thought_lp = torch.zeros(batch.thought_mask.shape)
     for i, vals in enumerate(thought_vals):
         thought_lp[i, batch.thought_mask[i]] = vals
-    return Scored(thought_lp, target_lp, greedy, entropy, batch, no_think, no_think_greedy)
+    target_ids = torch.tensor([targets[r.group] for r in rollouts])
+    return Scored(thought_lp, target_ids, target_lp, pred, entropy, batch, no_think, no_think_greedy)
 
 
 @torch.no_grad()

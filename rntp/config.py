@@ -39,6 +39,10 @@ class DataConfig(Section):
     shuffle_buffer: int = Field(1000, ge=1)
     chunk_tokens: int = Field(256, ge=8)
     positions_per_chunk: int = Field(1, ge=1)
+    # uniform: any position in bounds. entropy: only positions whose next-token entropy under the
+    # frozen initial model (RPT's proxy model) lies in the chunk's [lo, hi] quantile range.
+    position_policy: Literal["uniform", "entropy"] = "uniform"
+    entropy_quantiles: tuple[float, float] = (0.5, 1.0)
     min_context: int = Field(32, ge=1)
     horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
     max_docs: int | None = Field(None, ge=1)
@@ -76,6 +80,26 @@ class RolloutConfig(Section):
 
 class RewardConfig(Section):
     name: str = "target_logprob"
+    # A weighted sum of registered rewards, e.g. {target_logprob_mean: 1.0, next_token_accuracy: 0.5};
+    # replaces `name` when set.
+    weights: dict[str, float] | None = None
+    # The model that gives the no-think score s0 for rewards that use it (info_gain, vrcli).
+    baseline: Literal["policy", "initial", "ema"] = "policy"
+    ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA teacher decay (RLP used 0.999)")
+    k: int = Field(1, ge=1, description="target tokens for next_token_accuracy and confidence")
+    clip_min: float | None = None
+    clip_max: float | None = None
+    length_penalty: float = Field(0.0, ge=0, description="subtracted per sampled thought token")
+    vrcli_thresholds: list[float] = [0.05, 0.1, 0.2]
+    vrcli_values: list[float] = [0.5, 0.9, 1.0]
+
+    @model_validator(mode="after")
+    def _steps(self) -> "RewardConfig":
+        if len(self.vrcli_thresholds) != len(self.vrcli_values):
+            raise ValueError("vrcli_thresholds and vrcli_values must have the same length")
+        if self.vrcli_thresholds != sorted(self.vrcli_thresholds):
+            raise ValueError("vrcli_thresholds must be increasing")
+        return self
 
 
 class GRPOConfig(Section):
@@ -88,6 +112,10 @@ class GRPOConfig(Section):
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = off")
     nll_coef: float = Field(0.0, ge=0, description="weight of next-token loss on the target")
     epochs: int = Field(1, ge=1, description="optimizer passes over each batch of rollouts")
+    # Dynamic sampling on spread, not mean (rewards are continuous): drop groups whose reward std
+    # is at most this before the update (0 = keep all). Quiet-STaR drops negative advantages.
+    min_group_std: float = Field(0.0, ge=0)
+    drop_negative_advantages: bool = False
 
 
 class OptimConfig(Section):

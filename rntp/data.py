@@ -12,7 +12,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import datasets
 import numpy as np
@@ -135,8 +135,15 @@ class PositionStream:
     """Yields positions forever (epoch after epoch). `state()` / `load_state()` give an exact
     cursor; positions of a chunk depend only on (seed, epoch, document, chunk)."""
 
-    def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, split: str | None = None):
+    def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, split: str | None = None,
+                 entropy_fn: Callable[[list[int]], "torch.Tensor"] | None = None):
+        """`entropy_fn(chunk)` gives the next-token entropy at every position of a chunk; it is
+        required by the "entropy" position policy and should come from a fixed model, so that
+        positions stay a function of (seed, data) and resume exactly."""
+        if cfg.position_policy == "entropy" and entropy_fn is None:
+            raise ValueError("data.position_policy=entropy needs a model to measure entropy (entropy_fn)")
         self.cfg, self.tokenizer, self.rank, self.world_size = cfg, tokenizer, rank, world_size
+        self.entropy_fn = entropy_fn if cfg.position_policy == "entropy" else None
         self.stats: Counter = Counter()
         self.docs = load_documents(cfg, self.stats, split)
         self.streaming = isinstance(self.docs, datasets.IterableDataset)
@@ -183,6 +190,10 @@ class PositionStream:
     def positions_in(self, chunk: list[int], epoch: int, doc: int, index: int) -> list[int]:
         cfg = self.cfg
         candidates = np.arange(cfg.min_context, len(chunk) - cfg.horizon + 1)
+        if self.entropy_fn is not None:  # keep positions in the chunk's entropy quantile range
+            entropy = self.entropy_fn(chunk).numpy()[candidates]
+            lo, hi = np.quantile(entropy, self.cfg.entropy_quantiles)
+            candidates = candidates[(entropy >= lo) & (entropy <= hi)]
         rng = np.random.default_rng([cfg.seed, epoch, doc, index])
         k = min(cfg.positions_per_chunk, len(candidates))
         return sorted(int(p) for p in rng.choice(candidates, size=k, replace=False))

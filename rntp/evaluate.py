@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from rewards import next_token_entropy, score_groups
+from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
 from rollout import SamplingSpec, ThinkTags
@@ -48,18 +49,10 @@ SCHEMA = {
 
 
 def token_byte_lengths(tokenizer, ids: list[int]) -> list[int]:
-    """UTF-8 bytes that each token stands for. In a byte-level BPE vocabulary every byte is
-    one character of the token string, so its length is the byte count, exact even when a
-    token holds half of a multi-byte character. Other tokenizers: differences of decodes."""
-    decoder = getattr(getattr(tokenizer, "backend_tokenizer", None), "decoder", None)
-    if type(decoder).__name__ == "ByteLevel":
-        return [len(t) for t in tokenizer.convert_ids_to_tokens(ids)]
-    lengths, done = [], 0
-    for i in range(len(ids)):
-        total = len(tokenizer.decode(ids[: i + 1]).encode("utf-8"))
-        lengths.append(total - done)
-        done = total
-    return lengths
+    """UTF-8 bytes that each token stands for (exact for byte-level BPE, even for a token that
+    holds part of a multi-byte character)."""
+    token_bytes = token_bytes_fn(tokenizer)
+    return [len(token_bytes(i)) for i in ids]
 
 
 @dataclass

@@ -25,11 +25,19 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "g
     if scale == "none":
         return centred
     if scale == "group":
-        var = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, centred**2) / (counts - 1).clamp(min=1)
-        return centred / (var.sqrt()[group] + eps)
+        return centred / (group_std(rewards, group)[group] + eps)
     if scale == "batch":
         return centred / (centred.std() + eps) if centred.numel() > 1 else centred
     raise ValueError(f"unknown advantage scale {scale!r}")
+
+
+def group_std(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+    """Unbiased reward std of each group, [n_groups]."""
+    n_groups = int(group.max()) + 1
+    counts = torch.bincount(group, minlength=n_groups).to(rewards.dtype)
+    mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, rewards) / counts
+    var = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, (rewards - mean[group]) ** 2)
+    return (var / (counts - 1).clamp(min=1)).sqrt()
 
 
 def zero_spread_fraction(rewards: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> float:

@@ -8,6 +8,7 @@ metrics / checkpoint.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import random
@@ -19,8 +20,9 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from rewards import compute_rewards, get_reward, score_groups, token_logprobs
-from rewards.registry import RewardInputs
+from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
+                     reward_names, score_groups, token_logprobs)
+from rewards.functions import token_bytes_fn
 from rewards.scoring import SequenceBatch
 from rntp import grpo
 from rntp.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
@@ -91,7 +93,8 @@ def update_policy(policy, ref, optimizer, batch: SequenceBatch, old_logp: torch.
 def train(cfg: Config) -> Path:
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    get_reward(cfg.reward.name)  # an unknown reward fails before any model loads
+    for name in reward_names(cfg.reward):  # an unknown reward fails before any model loads
+        get_reward(name)
     resume_dir = find_checkpoint(cfg.resume) if cfg.resume else None
     base_path = resolve_model_path(cfg.model.name_or_path)
     model_path = str(resume_dir or base_path)
@@ -104,11 +107,16 @@ def train(cfg: Config) -> Path:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     policy = load_policy(model_path, cfg)
     policy.train()
-    ref = None
-    if cfg.grpo.kl_coef > 0:  # KL is to the initial policy, also after a resume
-        ref = load_policy(base_path, cfg).eval().requires_grad_(False)
+    # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
+    # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
+    needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
+    initial = load_policy(base_path, cfg).eval().requires_grad_(False) if needs_initial else None
+    ema = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.reward.baseline == "ema" else None
+    baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
-    stream = PositionStream(cfg.data, tokenizer)
+    token_bytes = token_bytes_fn(tokenizer)
+    stream = PositionStream(cfg.data, tokenizer, entropy_fn=(lambda ids: position_entropies(initial, ids))
+                            if initial is not None else None)
     evalset = None
     if cfg.eval.every:  # fixed held-out positions; difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
@@ -128,6 +136,8 @@ def train(cfg: Config) -> Path:
         scheduler.load_state_dict(state["scheduler"])
         stream.load_state(state["data"])
         set_rng_state(state["rng"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_dir, start_step)
 
@@ -140,7 +150,7 @@ def train(cfg: Config) -> Path:
     metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
                             project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
     samples_file = open(run_dir / "samples.jsonl", "a")
-    dropped_groups = 0
+    dropped_groups = dropped_low_spread = 0
     G = cfg.rollout.group_size
     bar = tqdm(range(start_step + 1, cfg.train.steps + 1), initial=start_step, total=cfg.train.steps,
                disable=not cfg.log.progress, desc="train", dynamic_ncols=True)
@@ -163,27 +173,44 @@ def train(cfg: Config) -> Path:
             no_think = scored.no_think_logprobs
             policy.train()
 
-        # 3. Rewards and group-relative advantages; a group with a NaN/inf reward is dropped whole.
+        # 3. Rewards and group-relative advantages. A group with a NaN/inf reward is dropped whole;
+        #    with dynamic sampling, so is a group whose rewards barely differ.
         group = torch.tensor([r.group for r in rollouts])
         closed = torch.tensor([r.closed for r in rollouts])
-        inputs = RewardInputs(scored.target_logprobs, no_think[group], scored.target_greedy,
-                              [r.thought_ids[: r.n_sampled] for r in rollouts], closed, group)
-        rewards = compute_rewards(cfg.reward.name, inputs)
+        if baseline_model is not None:
+            baseline = no_think_logprobs(baseline_model, [p.context for p in positions], targets, pad_id,
+                                         cfg.train.micro_batch, cfg.model.autocast_bf16)
+        else:
+            baseline = no_think
+        inputs = RewardInputs(scored.target_ids, scored.target_logprobs, baseline[group], scored.target_pred,
+                              [r.thought_ids[: r.n_sampled] for r in rollouts], closed, group,
+                              token_bytes=token_bytes, decode=tokenizer.decode, options=cfg.reward)
+        rewards = apply_reward_config(cfg.reward, inputs)
         keep = grpo.finite_groups(rewards, group)
         dropped_groups += len(positions) - len(set(group[keep].tolist()))
+        if cfg.grpo.min_group_std > 0 and keep.any():
+            spread = grpo.group_std(torch.where(keep, rewards, 0.0), group) > cfg.grpo.min_group_std
+            dropped_low_spread += int((~spread[group] & keep).sum()) // G
+            keep &= spread[group]
 
         # 4. Policy update on the thought tokens.
         with timer("update"):
             if keep.any():
                 _, kept_group = torch.unique(group[keep], return_inverse=True)
                 advantages = grpo.group_advantages(rewards[keep], kept_group, cfg.grpo.advantage_scale)
+                if cfg.grpo.drop_negative_advantages:
+                    advantages = advantages.clamp(min=0)
                 idx = keep.nonzero().squeeze(1)
-                update = update_policy(policy, ref, optimizer, scored.batch.rows(idx), scored.thought_logprobs[idx],
-                                       advantages, cfg)
+                update = update_policy(policy, initial, optimizer, scored.batch.rows(idx),
+                                       scored.thought_logprobs[idx], advantages, cfg)
             else:
                 update = {}
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
+            if ema is not None:  # the EMA teacher follows the policy slowly (RLP)
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
+                        p_ema.lerp_(p, 1 - cfg.reward.ema_decay)
 
         # 5. New weights to the sampler.
         with timer("sync"):
@@ -206,6 +233,8 @@ def train(cfg: Config) -> Path:
             "info_gain": (with_think - without).mean().item(),
             "groups/zero_spread_frac": grpo.zero_spread_fraction(rewards[keep], group[keep]) if keep.any() else None,
             "groups/dropped_nonfinite": dropped_groups,
+            "groups/dropped_low_spread": dropped_low_spread,
+            **({"score/baseline": (baseline[group].sum(-1) / H).mean().item()} if baseline_model is not None else {}),
             "thought/len_mean": thought_len.mean().item(),
             "thought/truncated_frac": 1.0 - closed.float().mean().item(),
             "policy/entropy": scored.thought_entropy.mean().item(),
@@ -236,7 +265,7 @@ def train(cfg: Config) -> Path:
                         tok_s=f"{row['tokens_per_s/sample']:.0f}")
         if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
             trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "data": stream.state()}
+                             "data": stream.state(), **({"ema": ema.state_dict()} if ema is not None else {})}
             save_checkpoint(run_dir, step, policy, tokenizer, trainer_state, config_yaml)
 
     samples_file.close()
