@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p_data = sub.add_parser("prepare-data", help="build the offline default corpus (stdlib docstrings)")
     p_data.add_argument("--force", action="store_true")
     sub.add_parser("rewards", help="list registered rewards and their formulas")
+    p_sweep = sub.add_parser("sweep", help="run a sweep file locally or as a SLURM job array")
+    p_sweep.add_argument("file")
+    p_sweep.add_argument("--dry-run", action="store_true", help="validate and print the runs, run nothing")
+    p_cmp = sub.add_parser("compare", help="compare runs: Markdown/CSV table, plots, one HTML report")
+    p_cmp.add_argument("runs", nargs="+")
+    p_cmp.add_argument("--out", default="runs/compare")
     p_eval = sub.add_parser("eval", help="evaluate models/checkpoints on held-out text (fixed, seeded positions)")
     p_eval.add_argument("--model", action="append", required=True,
                         help="a model folder, checkpoint, run folder (base + every checkpoint) or hub name; repeatable")
@@ -70,6 +76,20 @@ def main(argv: list[str] | None = None) -> int:
             report = run_eval(args.model, cfg, out, args.sampler)
             print(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
                   f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
+        elif args.command == "sweep":
+            from rntp.sweep import run_sweep
+
+            runs = run_sweep(args.file, dry_run=args.dry_run)
+            failed = [r["name"] for r in runs if str(r["status"]).startswith("failed")]
+            if failed:
+                print(f"rntp sweep: failed runs: {', '.join(failed)} (see their train.log)", file=sys.stderr)
+                return 1
+        elif args.command == "compare":
+            from pathlib import Path
+
+            from rntp.compare import compare
+
+            print(compare(args.runs, Path(args.out)))
         elif args.command == "rewards":
             from rewards import REWARDS
 

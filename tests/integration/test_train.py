@@ -99,3 +99,24 @@ def test_cli_reports_bad_input_before_loading_a_model(tiny_config, capsys, tmp_p
     (tmp_path / "empty-model" / "config.json").write_text("{}")
     assert main(["train", f"model.name_or_path={tmp_path / 'empty-model'}", f"run_dir={tmp_path / 'r'}"]) == 2
     assert "has no weights" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("options", [
+    ("reward.name=info_gain", "reward.baseline=ema", "reward.ema_decay=0.5"),
+    ("reward.name=vrcli", "reward.baseline=initial", "data.position_policy=entropy"),
+    ("reward.weights={target_logprob_mean: 1.0, greedy_streak: 0.5}", "grpo.min_group_std=1e6",
+     "grpo.drop_negative_advantages=true"),
+])
+def test_reward_baselines_position_policy_and_dynamic_sampling_run(tiny_config, tmp_path, options):
+    train(tiny_config("train.steps=2", "train.save_every=1", *options))
+    history = rows(tmp_path / "run")
+    if "reward.baseline=ema" in options:
+        # step 1: the EMA teacher equals the policy before the first update, so the scores agree
+        assert history[0]["score/baseline"] == pytest.approx(history[0]["score/no_think"], abs=1e-5)
+        assert history[1]["score/baseline"] != pytest.approx(history[1]["score/no_think"], abs=1e-7)
+        state = load_trainer_state(tmp_path / "run" / "checkpoints" / "step_000002")
+        assert "ema" in state
+        train(tiny_config("train.steps=3", f"resume={tmp_path / 'run'}", *options))  # EMA state resumes
+    if "grpo.min_group_std=1e6" in options:  # every group is below the spread threshold
+        assert [r["groups/dropped_low_spread"] for r in history] == [2, 4]
+        assert "optim/grad_norm" not in history[0]

@@ -108,3 +108,16 @@ def test_parquet_and_saved_dataset_sources(tmp_path, tokenizer):
         assert len(stream.take(5)) == 5
     with pytest.raises(ValueError, match="text column 'text' not in"):
         PositionStream(cfg(tmp_path / "d.parquet"), tokenizer)
+
+
+def test_entropy_policy_keeps_only_the_chosen_quantile_range(corpus_file, tokenizer):
+    import torch
+
+    # entropy rising with the position: the top half of each chunk's candidates must be chosen
+    fake_entropy = lambda ids: torch.arange(len(ids), dtype=torch.float32)  # noqa: E731
+    c = cfg(corpus_file, position_policy="entropy", entropy_quantiles=(0.5, 1.0), positions_per_chunk=3)
+    for p in PositionStream(c, tokenizer, entropy_fn=fake_entropy).take(30):
+        lo, hi = 8, len(p.chunk) - 4
+        assert p.p >= (lo + hi) / 2 - 0.5
+    with pytest.raises(ValueError, match="needs a model"):
+        PositionStream(c, tokenizer)
