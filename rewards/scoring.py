@@ -177,7 +177,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
         for row, g in enumerate(gs):
             no_think[g], no_think_greedy[g] = plain[row].cpu(), plain_hits[row].cpu()
         context_width = attn.shape[1] - horizon
-        cache.crop(context_width)  # keep only the context
+        cache.crop(-horizon)  # drop the target, keep the context
         rows = [i for g in gs for i in by_group[g]]
         source_row = [row for row, g in enumerate(gs) for _ in by_group[g]]
         cache.batch_select_indices(torch.tensor(source_row, device=device))  # one cache row per thought
