@@ -29,26 +29,36 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model, tokenizer, trainer_state: dict, config_yaml: str,
+def save_checkpoint(run_dir: Path, step: int, engine, tokenizer, rank_state: dict, common: dict, config_yaml: str,
                     keep: int = 0) -> Path:
+    """Every rank calls this. Rank 0 stages the folder; the engine writes the consolidated HF
+    model (rank 0) and any sharded optimizer state (all ranks); each rank's data cursor and RNG
+    go into trainer_state.pt; rank 0 renames the folder into place and updates `latest`."""
+    from rntp.distributed import all_gather_object, barrier, broadcast_object
+
     root = Path(run_dir) / "checkpoints"
     final = root / f"step_{step:06d}"
     staging = root / f".step_{step:06d}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    model.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    torch.save({**trainer_state, "step": step, "rng": rng_state()}, staging / STATE_FILE)
-    (staging / "rntp_config.yaml").write_text(config_yaml)
-    shutil.rmtree(final, ignore_errors=True)
-    staging.rename(final)
-    pointer = root / ".latest.tmp"
-    pointer.write_text(final.name + "\n")
-    os.replace(pointer, root / "latest")
-    if keep > 0:  # drop the oldest beyond `keep`
-        for old in sorted(root.glob("step_*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    if engine.info.is_main:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    barrier()
+    engine.export(staging, tokenizer)
+    backend_state = engine.save(staging)
+    ranks = all_gather_object(rank_state)
+    if engine.info.is_main:
+        torch.save({**common, **backend_state, "step": step, "ranks": ranks}, staging / STATE_FILE)
+        (staging / "rntp_config.yaml").write_text(config_yaml)
+        shutil.rmtree(final, ignore_errors=True)
+        staging.rename(final)
+        pointer = root / ".latest.tmp"
+        pointer.write_text(final.name + "\n")
+        os.replace(pointer, root / "latest")
+        if keep > 0:  # drop the oldest beyond `keep`
+            for old in sorted(root.glob("step_*"))[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return broadcast_object(final)
 
 
 def find_checkpoint(path: str | Path) -> Path:

@@ -128,6 +128,15 @@ class OptimConfig(Section):
     grad_clip: float = Field(1.0, gt=0)
 
 
+class DistConfig(Section):
+    """Multi-process training under torchrun. The batch (`train.positions_per_step`) is global."""
+
+    backend: Literal["auto", "none", "ddp", "deepspeed", "fsdp2"] = "auto"  # auto: ddp if world > 1
+    zero_stage: Literal[1, 2, 3] = 2
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; default configs/deepspeed/zero<stage>.json")
+    weight_bucket_mb: float = Field(256, gt=0, description="weights pushed to the sampler in buckets of this size")
+
+
 class LogConfig(Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
     wandb_project: str = "rntp"
@@ -175,6 +184,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
+    dist: DistConfig = DistConfig()
     log: LogConfig = LogConfig()
 
 

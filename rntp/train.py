@@ -11,23 +11,26 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import random
+import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
                      reward_names, score_groups, token_logprobs)
 from rewards.functions import token_bytes_fn
 from rewards.scoring import SequenceBatch
 from rntp import grpo
-from rntp.checkpoint import find_checkpoint, load_trainer_state, save_checkpoint, set_rng_state
+from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config
 from rntp.data import PositionStream
+from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed
 from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.prepare import resolve_model_path
@@ -36,65 +39,131 @@ from rollout import SamplingSpec, ThinkTags, make_sampler
 log = logging.getLogger(__name__)
 
 
-def load_policy(path: str, cfg: Config):
+def load_policy(path: str, cfg: Config, device: torch.device | None = None):
     dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    return model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def update_policy(policy, ref, optimizer, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  cfg: Config) -> dict:
-    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over one batch of rollouts."""
+def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
+                  keep: torch.Tensor, cfg: Config, micro_steps: int | None) -> dict:
+    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept rows of a batch.
+
+    The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
+    the world size because every backend averages gradients across ranks. With `micro_steps`
+    set, every rank runs exactly that many forward/backward passes per optimizer step (sharded
+    backends and DeepSpeed's accumulation need it), padding with a fully masked row.
+    """
     g = cfg.grpo
-    device = next(policy.parameters()).device
-    norm = grpo.LossNorm.of(g.loss_aggregation, batch.thought_mask, cfg.rollout.max_thought_tokens)
-    target_tokens = max(int(batch.target_mask.sum()), 1)
-    mb_size = cfg.train.micro_batch
-    stats = {"loss/policy": 0.0, "loss/nll": 0.0, "loss/kl": 0.0, "loss/clip_frac": 0.0}
+    device, world = engine.info.device, engine.info.world_size
+    idx = keep.nonzero().squeeze(1)
+    kept = batch.rows(idx)
+    seqs, tokens, target_tokens = all_reduce_sum([len(kept), float(kept.thought_mask.sum()),
+                                                  float(kept.target_mask.sum())])
+    norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
+    size = cfg.train.micro_batch
+    passes = micro_steps or -(-len(kept) // size)
+    stats = torch.zeros(4, dtype=torch.float64)  # policy loss, nll, kl, clipped tokens
+    grad_norm = float("nan")
     for _ in range(g.epochs):
-        clipped_tokens = 0.0
-        for s in range(0, len(batch), mb_size):
-            rows = slice(s, s + mb_size)
-            mb = batch.rows(rows).to(device)
+        for m in range(passes):
+            rows = idx[m * size : (m + 1) * size]
+            if len(rows) == 0:  # a masked stand-in keeps every rank's collectives in step
+                rows = torch.zeros(1, dtype=torch.long)
+                mb = batch.rows(rows)
+                mb.thought_mask.zero_()
+                mb.target_mask.zero_()
+                adv = torch.zeros(1)
+            else:
+                mb, adv = batch.rows(rows), advantages[rows]
+            mb = mb.to(device)
             tail = mb.tail  # logits only where thoughts and targets are
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast_bf16):
-                logp = token_logprobs(policy, mb.input_ids, mb.attention_mask, tail=tail).float()
+                logp = token_logprobs(engine.model, mb.input_ids, mb.attention_mask, tail=tail).float()
             thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
             mask = thought_mask.float()
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows, -tail:].to(device),
-                                                       advantages[rows].to(device), g.clip_low, g.clip_high)
+            tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows, -tail:].to(device), adv.to(device),
+                                                       g.clip_low, g.clip_high)
             loss = grpo.aggregate(tok_loss, mask, norm)
-            stats["loss/policy"] += loss.item()
+            stats[0] += loss.item()
             if ref is not None and g.kl_coef > 0:
                 with torch.no_grad():
                     ref_logp = token_logprobs(ref, mb.input_ids, mb.attention_mask, tail=tail).float()
                 kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
                 loss = loss + g.kl_coef * kl
-                stats["loss/kl"] += kl.item()
+                stats[2] += kl.item()
             if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                nll = -(logp * target_mask).sum() / target_tokens
+                nll = -(logp * target_mask).sum() / max(target_tokens, 1)
                 loss = loss + g.nll_coef * nll
-                stats["loss/nll"] += nll.item()
-            loss.backward()
-            clipped_tokens += float((clipped & thought_mask).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        stats["loss/clip_frac"] = clipped_tokens / max(norm.num_tokens, 1)
-    stats = {k: v / g.epochs if k != "loss/clip_frac" else v for k, v in stats.items()}
-    stats["optim/grad_norm"] = float(grad_norm)
-    if g.kl_coef == 0:
-        del stats["loss/kl"]
-    return stats
+                stats[1] += nll.item()
+            engine.backward(loss * world)
+            stats[3] += float((clipped & thought_mask).sum())
+        grad_norm = engine.step()
+    policy_loss, nll, kl, clipped = all_reduce_sum((stats / torch.tensor([g.epochs] * 3 + [1.0])).tolist())
+    out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / max(tokens * g.epochs, 1),
+           "optim/grad_norm": grad_norm}
+    if g.kl_coef > 0:
+        out["loss/kl"] = kl
+    return out
+
+
+SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time and memory take the max
+
+
+def reduce_rows(rows: list[dict]) -> dict:
+    """One metrics row from every rank's row: sums for counts and throughput, max for time and
+    memory, mean for the rest."""
+    out = {}
+    for key in rows[0]:
+        values = [r[key] for r in rows if r.get(key) is not None]
+        if not values or not all(isinstance(v, (int, float)) for v in values):
+            out[key] = rows[0][key]
+        elif key.startswith(SUMMED):
+            out[key] = sum(values)
+        elif key.startswith(("time/", "memory/")):
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit warnings) ask the loop to checkpoint and
+    leave at the end of the current step; any rank's request stops every rank."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. under some test runners): no handler
+                pass
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing at the end of this step", signum)
+        self.requested = True
+
+    def any_rank(self) -> bool:
+        return all_reduce_sum([float(self.requested)])[0] > 0
+
+    def restore(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def train(cfg: Config) -> Path:
+    info = init_distributed()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in reward_names(cfg.reward):  # an unknown reward fails before any model loads
         get_reward(name)
+    if cfg.train.positions_per_step % info.world_size:
+        raise ValueError(f"train.positions_per_step={cfg.train.positions_per_step} must divide among "
+                         f"{info.world_size} ranks")
+    positions_per_rank = cfg.train.positions_per_step // info.world_size
     resume_dir = find_checkpoint(cfg.resume) if cfg.resume else None
     base_path = resolve_model_path(cfg.model.name_or_path)
     model_path = str(resume_dir or base_path)
@@ -102,76 +171,84 @@ def train(cfg: Config) -> Path:
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
-    # Model, reference, tokenizer, tags, data.
+    # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    policy = load_policy(model_path, cfg)
+    policy = load_policy(model_path, cfg, info.device)
     policy.train()
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
     # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
     needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
-    initial = load_policy(base_path, cfg).eval().requires_grad_(False) if needs_initial else None
+    initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
     ema = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.reward.baseline == "ema" else None
     baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     token_bytes = token_bytes_fn(tokenizer)
-    stream = PositionStream(cfg.data, tokenizer, entropy_fn=(lambda ids: position_entropies(initial, ids))
-                            if initial is not None else None)
+    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
+                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if initial is not None else None)
     evalset = None
-    if cfg.eval.every:  # fixed held-out positions; difficulty by the base model
+    if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
         evalset = build_eval_set(cfg, tokenizer, policy if difficulty_path == model_path else
-                                 load_policy(difficulty_path, cfg))
+                                 load_policy(difficulty_path, cfg, info.device))
 
-    # Optimizer and schedule.
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
-    schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[cfg.optim.schedule]
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=cfg.optim.warmup_steps,
-                              num_training_steps=cfg.train.steps)
+    # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
+    G = cfg.rollout.group_size
+    passes = -(-positions_per_rank * G // cfg.train.micro_batch)
+    fixed_passes = passes if info.world_size > 1 or cfg.dist.backend == "deepspeed" else None
+    sampler_model = None
+    if cfg.rollout.sampler == "hf" and (cfg.dist.backend == "fsdp2" or
+                                        (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage == 3)):
+        sampler_model = copy.deepcopy(policy).eval()  # sharded weights cannot generate rank by rank
+    engine = Engine(policy, cfg, info, passes, cfg.train.steps)
     start_step = 0
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stream.load_state(state["data"])
-        set_rng_state(state["rng"])
+        if len(state["ranks"]) != info.world_size:
+            raise ValueError(f"{resume_dir} was written by {len(state['ranks'])} ranks; resume it on as many")
+        engine.load(resume_dir, state)
+        stream.load_state(state["ranks"][info.rank]["data"])
+        set_rng_state(state["ranks"][info.rank]["rng"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_dir, start_step)
 
-    # The sampler: vLLM in-process where installed, else transformers on the policy itself.
+    # The sampler: vLLM in-process where installed (one engine per rank), else transformers.
     max_len = cfg.data.chunk_tokens + len(tags.open_ids) + cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8
-    sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=policy, dtype=cfg.model.dtype,
-                           seed=cfg.train.seed, max_model_len=max_len, vllm_cfg=cfg.rollout.vllm)
+    sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=sampler_model or policy,
+                           dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_len,
+                           vllm_cfg=cfg.rollout.vllm)
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
-                            project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
-    samples_file = open(run_dir / "samples.jsonl", "a")
+    metrics = samples_file = None
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+        metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
+                                project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
+        samples_file = open(run_dir / "samples.jsonl", "a")
+    stop = StopRequest()
     dropped_groups = dropped_low_spread = 0
-    G = cfg.rollout.group_size
     bar = tqdm(range(start_step + 1, cfg.train.steps + 1), initial=start_step, total=cfg.train.steps,
-               disable=not cfg.log.progress, desc="train", dynamic_ncols=True)
+               disable=not (cfg.log.progress and info.is_main), desc="train", dynamic_ncols=True)
+    step = start_step
     for step in bar:
         timer = PhaseTimer()
-        positions = stream.take(cfg.train.positions_per_step)
+        positions = stream.take(positions_per_rank)
 
         # 1. Sample G thoughts per position.
         with timer("sample"):
             spec = SamplingSpec(G, cfg.rollout.max_thought_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                seed=cfg.train.seed * 100_003 + step)
+                                seed=(cfg.train.seed * 100_003 + step) * 1009 + info.rank)
             rollouts = sampler.sample([tags.prompt(p.context) for p in positions], spec)
 
         # 2. Score: one pass gives the no-think score, the thoughts' old log-probs and the reward.
         with timer("score"):
-            policy.eval()
+            engine.train(False)
             targets = [p.target for p in positions]
-            scored = score_groups(policy, [p.context for p in positions], rollouts, targets, pad_id,
+            scored = score_groups(engine.model, [p.context for p in positions], rollouts, targets, pad_id,
                                   cfg.train.micro_batch, cfg.model.autocast_bf16)
             no_think = scored.no_think_logprobs
-            policy.train()
+            engine.train(True)
 
         # 3. Rewards and group-relative advantages. A group with a NaN/inf reward is dropped whole;
         #    with dynamic sampling, so is a group whose rewards barely differ.
@@ -192,31 +269,37 @@ def train(cfg: Config) -> Path:
             spread = grpo.group_std(torch.where(keep, rewards, 0.0), group) > cfg.grpo.min_group_std
             dropped_low_spread += int((~spread[group] & keep).sum()) // G
             keep &= spread[group]
+        advantages = torch.zeros_like(rewards)
+        if keep.any():
+            _, kept_group = torch.unique(group[keep], return_inverse=True)
+            scale = cfg.grpo.advantage_scale
+            advantages[keep] = grpo.group_advantages(rewards[keep], kept_group, "none" if scale == "batch" else scale)
+        if cfg.grpo.advantage_scale == "batch":  # the std of the whole batch, across ranks
+            n, total, squares = all_reduce_sum([float(keep.sum()), float(advantages[keep].sum()),
+                                                float((advantages[keep] ** 2).sum())])
+            std = math.sqrt(max(squares - total**2 / max(n, 1), 0.0) / max(n - 1, 1))
+            advantages = advantages / (std + 1e-6)
+        if cfg.grpo.drop_negative_advantages:
+            advantages = advantages.clamp(min=0)
 
         # 4. Policy update on the thought tokens.
         with timer("update"):
-            if keep.any():
-                _, kept_group = torch.unique(group[keep], return_inverse=True)
-                advantages = grpo.group_advantages(rewards[keep], kept_group, cfg.grpo.advantage_scale)
-                if cfg.grpo.drop_negative_advantages:
-                    advantages = advantages.clamp(min=0)
-                idx = keep.nonzero().squeeze(1)
-                update = update_policy(policy, initial, optimizer, scored.batch.rows(idx),
-                                       scored.thought_logprobs[idx], advantages, cfg)
-            else:
-                update = {}
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if ema is not None:  # the EMA teacher follows the policy slowly (RLP)
-                with torch.no_grad():
-                    for p_ema, p in zip(ema.parameters(), policy.parameters()):
-                        p_ema.lerp_(p, 1 - cfg.reward.ema_decay)
+            update = update_policy(engine, initial, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
+                                   fixed_passes) if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
+            lr = engine.lr()
+            engine.step_scheduler()
 
-        # 5. New weights to the sampler.
+        # 5. New weights to the sampler (and the EMA teacher), in buckets gathered from any shards.
         with timer("sync"):
-            sampler.push_weights(policy.state_dict().items())
+            ema_params = dict(ema.named_parameters()) if ema is not None else {}
+            for bucket in engine.weight_buckets(cfg.dist.weight_bucket_mb):
+                sampler.push_weights(bucket)
+                with torch.no_grad():
+                    for name, tensor in bucket:
+                        if name in ema_params:  # the EMA teacher follows the policy slowly (RLP)
+                            ema_params[name].lerp_(tensor.to(ema_params[name].device), 1 - cfg.reward.ema_decay)
 
-        # 6. Metrics, samples, checkpoint.
+        # 6. Metrics (reduced over ranks), samples, evaluation, checkpoint.
         H = cfg.data.horizon
         with_think = scored.target_logprobs.sum(-1) / H
         without = no_think[group].sum(-1) / H
@@ -250,28 +333,37 @@ def train(cfg: Config) -> Path:
         }
         if evalset is not None and step % cfg.eval.every == 0:
             with timer("eval"):
-                result = evaluate_policy(policy, sampler, tags, evalset, cfg, progress=False)
+                result = evaluate_policy(engine.model, sampler, tags, evalset, cfg, progress=False)
             row.update({f"eval/{k}": v for k, v in result["metrics"].items()})
             row["time/eval"] = timer.seconds["eval"]
-        metrics.log(step, row)
-        for r, reward in list(zip(rollouts, rewards.tolist()))[: cfg.log.sample_thoughts]:
-            pos = positions[r.group]
-            samples_file.write(json.dumps({
-                "step": step, "reward": reward, "context_tail": tokenizer.decode(pos.context[-48:]),
-                "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(pos.target),
-            }, ensure_ascii=False) + "\n")
-        samples_file.flush()
-        bar.set_postfix(reward=f"{row['reward/mean'] or float('nan'):.2f}", gain=f"{row['info_gain']:+.3f}",
-                        tok_s=f"{row['tokens_per_s/sample']:.0f}")
-        if step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
-            trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                             "data": stream.state(), **({"ema": ema.state_dict()} if ema is not None else {})}
-            save_checkpoint(run_dir, step, policy, tokenizer, trainer_state, config_yaml)
+        row = reduce_rows(all_gather_object(row))
+        if info.is_main:
+            metrics.log(step, row)
+            for r, reward in list(zip(rollouts, rewards.tolist()))[: cfg.log.sample_thoughts]:
+                pos = positions[r.group]
+                samples_file.write(json.dumps({
+                    "step": step, "reward": reward, "context_tail": tokenizer.decode(pos.context[-48:]),
+                    "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(pos.target),
+                }, ensure_ascii=False) + "\n")
+            samples_file.flush()
+            bar.set_postfix(reward=f"{row['reward/mean'] or float('nan'):.2f}", gain=f"{row['info_gain']:+.3f}",
+                            tok_s=f"{row['tokens_per_s/sample']:.0f}")
+        stopping = stop.any_rank()
+        if step == cfg.train.steps or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            rank_state = {"data": stream.state(), "rng": rng_state()}
+            common = {"ema": ema.state_dict()} if ema is not None else {}
+            save_checkpoint(run_dir, step, engine, tokenizer, rank_state, common, config_yaml)
+        if stopping:
+            log.warning("stopped at step %d on request; resume with resume=%s", step, run_dir)
+            break
 
+    stop.restore()
+    sampler.close()
+    if not info.is_main:
+        return find_checkpoint(run_dir)
     samples_file.close()
     plot = metrics.plot() if cfg.log.plot else None
     metrics.finish()
-    sampler.close()
     final = find_checkpoint(run_dir)
     print(f"checkpoint: {final}\nmetrics:    {metrics.path}\nsamples:    {run_dir / 'samples.jsonl'}"
           + (f"\nplot:       {plot}" if plot else ""))

@@ -46,7 +46,14 @@ class HFSampler:
         return rollouts
 
     def push_weights(self, named_tensors) -> None:
-        pass  # it samples from the training model itself
+        """A no-op when sampling from the training model itself; a separate copy (used when the
+        trained weights are sharded) takes the gathered tensors."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                target = params.get(name)
+                if target is not None and target.data_ptr() != tensor.data_ptr():
+                    target.copy_(tensor.to(target.device, target.dtype))
 
     def close(self) -> None:
         pass

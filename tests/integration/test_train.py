@@ -48,7 +48,8 @@ def test_train_writes_metrics_and_a_loadable_checkpoint(tiny_config, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(ckpt)  # plain transformers can load it
     assert any(ckpt.glob("*.safetensors"))
     state = load_trainer_state(ckpt)
-    assert state["step"] == 2 and {"optimizer", "scheduler", "data", "rng"} <= set(state)
+    assert state["step"] == 2 and {"optimizer", "scheduler", "ranks"} <= set(state)
+    assert len(state["ranks"]) == 1 and {"data", "rng"} <= set(state["ranks"][0])
     # the trained weights differ from the initial ones
     initial = AutoModelForCausalLM.from_pretrained(cfg.model.name_or_path)
     assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, initial.model.layers[0].mlp.up_proj.weight)
