@@ -75,6 +75,9 @@ class RolloutConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     open_tag: str = "<think>"
     close_tag: str = "</think>"
+    # After each weight push, compare the sampler's log-probs of one rollout with the trainer's
+    # (metric sync/max_logprob_diff); every N steps, 0 = off. vLLM only.
+    check_sync_every: int = Field(0, ge=0)
     vllm: VllmConfig = VllmConfig()
 
 

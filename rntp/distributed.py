@@ -102,6 +102,13 @@ class Engine:
         if self.backend == "deepspeed":
             import deepspeed
 
+            if not dist.is_initialized():  # a world of one still needs DeepSpeed's process group
+                os.environ.setdefault("RANK", "0")
+                os.environ.setdefault("LOCAL_RANK", "0")
+                os.environ.setdefault("WORLD_SIZE", "1")
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
             ds_config = deepspeed_config(cfg, info.world_size, micro_steps)
             self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=make_optimizer(model.parameters()), lr_scheduler=make_scheduler,
@@ -134,14 +141,16 @@ class Engine:
     # -- training --------------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
         if self.backend == "deepspeed":
+            # DeepSpeed's protocol: step after every backward; it updates only at the accumulation
+            # boundary (gradient_accumulation_steps = the fixed number of passes per step).
             self.ds.backward(loss, scale_wrt_gas=False)  # the loss is already normalised for the whole step
+            self.ds.step()
         else:
             loss.backward()
 
     def step(self) -> float:
         """Clip, optimizer step, zero grads. The scheduler steps separately (once per training step)."""
-        if self.backend == "deepspeed":
-            self.ds.step()  # clips by the config's gradient_clipping; steps only at the boundary
+        if self.backend == "deepspeed":  # it stepped (and clipped) at the boundary inside backward()
             norm = self.ds.get_global_grad_norm()
             return float(norm) if norm is not None else float("nan")
         norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.optim.grad_clip)
@@ -164,16 +173,18 @@ class Engine:
     # -- weights -----------------------------------------------------------------------------------
     def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded. Every
-        rank must iterate (gathering is collective); each gets the full tensors."""
+        rank must iterate (gathering is collective); each gets the full tensors. Tied weights come
+        under every name (vLLM keeps its own copy of a tied `lm_head.weight`)."""
         bucket, size = [], 0
         limit = bucket_mb * 2**20
         if self.backend == "deepspeed" and self.cfg.dist.zero_stage == 3:
             import deepspeed
 
-            named = list(self.raw.named_parameters())
+            named = list(self.raw.named_parameters(remove_duplicate=False))
             for start in range(0, len(named), 16):  # gather a few parameters at a time
                 group = named[start : start + 16]
-                with deepspeed.zero.GatheredParameters([p for _, p in group]):
+                unique = list({id(p): p for _, p in group}.values())
+                with deepspeed.zero.GatheredParameters(unique):
                     part = [(n, p.detach().clone()) for n, p in group]
                 for item in part:
                     bucket.append(item)
@@ -182,7 +193,7 @@ class Engine:
                         yield bucket
                         bucket, size = [], 0
         else:
-            for name, p in self.raw.named_parameters():
+            for name, p in self.raw.named_parameters(remove_duplicate=False):
                 tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
                 bucket.append((name, tensor.detach()))
                 size += tensor.numel() * tensor.element_size()
@@ -193,7 +204,9 @@ class Engine:
             yield bucket
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: t.cpu() for bucket in self.weight_buckets() for n, t in bucket}
+        """Full weights on CPU, keyed as the model's own state_dict (tied names included)."""
+        keys = set(self.raw.state_dict())
+        return {n: t.cpu() for bucket in self.weight_buckets() for n, t in bucket if n in keys}
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def export(self, out_dir: Path, tokenizer) -> None:
@@ -232,6 +245,14 @@ class Engine:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

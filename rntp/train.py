@@ -109,7 +109,19 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
     return out
 
 
-SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time and memory take the max
+SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time, memory and sync take the max
+
+
+@torch.no_grad()
+def sampler_sync_error(sampler, engine: Engine, rollout, target: list[int]) -> float:
+    """Max |log p| difference between the sampler and the trainer on one rollout's full sequence."""
+    seq = rollout.prompt_ids + rollout.thought_ids + target
+    theirs = torch.tensor(sampler.prompt_logprobs([seq])[0][1:])
+    ids = torch.tensor([seq], device=engine.info.device)
+    engine.train(False)
+    ours = token_logprobs(engine.model, ids, torch.ones_like(ids))[0].float().cpu()
+    engine.train(True)
+    return float((theirs - ours).abs().max())
 
 
 def reduce_rows(rows: list[dict]) -> dict:
@@ -122,7 +134,7 @@ def reduce_rows(rows: list[dict]) -> dict:
             out[key] = rows[0][key]
         elif key.startswith(SUMMED):
             out[key] = sum(values)
-        elif key.startswith(("time/", "memory/")):
+        elif key.startswith(("time/", "memory/", "sync/")):
             out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)
@@ -299,6 +311,11 @@ def train(cfg: Config) -> Path:
                         if name in ema_params:  # the EMA teacher follows the policy slowly (RLP)
                             ema_params[name].lerp_(tensor.to(ema_params[name].device), 1 - cfg.reward.ema_decay)
 
+            sync_diff = None
+            if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \
+                    hasattr(sampler, "prompt_logprobs"):
+                sync_diff = sampler_sync_error(sampler, engine, rollouts[0], positions[rollouts[0].group].target)
+
         # 6. Metrics (reduced over ranks), samples, evaluation, checkpoint.
         H = cfg.data.horizon
         with_think = scored.target_logprobs.sum(-1) / H
@@ -330,6 +347,7 @@ def train(cfg: Config) -> Path:
             "tokens_per_s/update": update_tokens / timer.seconds["update"],
             "memory/peak_gb": peak_memory_gb(),
             **{f"data/{k}": v for k, v in stream.stats.items()},
+            **({"sync/max_logprob_diff": sync_diff} if sync_diff is not None else {}),
         }
         if evalset is not None and step % cfg.eval.every == 0:
             with timer("eval"):

@@ -27,9 +27,15 @@ class VLLMSampler:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(getattr(cfg, "kv_cache_gb", 2)))))
         from vllm import LLM
 
+        import torch.distributed as dist
+
         self.tags = tags
+        # Under torchrun every rank runs its own engine inside the training world ("external_launcher",
+        # vLLM's colocation mode); a single process runs the in-process "uni" executor.
+        colocated = dist.is_initialized() and dist.get_world_size() > 1
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=getattr(cfg, "enforce_eager", True), distributed_executor_backend="uni")
+                      enforce_eager=getattr(cfg, "enforce_eager", True),
+                      distributed_executor_backend="external_launcher" if colocated else "uni")
         if on_gpu:
             kwargs["gpu_memory_utilization"] = getattr(cfg, "gpu_memory_utilization", 0.3)
         self.llm = LLM(**kwargs)

@@ -76,12 +76,13 @@ def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_p
     """The `make demo` path, shortened: the real CLI, SmolLM2-135M, vLLM sampling, wandb offline."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "rntp", "train", "--config", "configs/demo.yaml", "train.steps=2",
-           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false"]
+           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false", "rollout.check_sync_every=1"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "checkpoint:" in done.stdout and "plot:" in done.stdout
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
+    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)  # and it samples from the trained weights
     assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "demo" / "checkpoints" / "step_000002" / "model.safetensors").exists()
