@@ -38,6 +38,7 @@ fi
 
 "${cmd[@]}" &
 launcher=$!
+# shellcheck disable=SC2329  # called by the traps below
 forward() {
   echo "node ${NODE_RANK}: got $1, asking the training processes to checkpoint and stop" >&2
   pkill "-$1" -P "$launcher" || true

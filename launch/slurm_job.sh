@@ -18,12 +18,12 @@ else
 fi
 export NNODES=${#hosts[@]}
 export MASTER_ADDR=${hosts[0]}
-export MASTER_PORT=${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID//[^0-9]/} % 20000))}
+job_digits=${SLURM_JOB_ID//[^0-9]/}
+export MASTER_PORT=${MASTER_PORT:-$((20000 + ${job_digits:-0} % 20000))}
 export RUN_ID=$SLURM_JOB_ID
 export RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 export NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
-mkdir -p "$RUN_DIR/logs"
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "job ${SLURM_JOB_ID}: ${NNODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
@@ -34,7 +34,9 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   exit 0
 fi
 
+mkdir -p "$RUN_DIR/logs"
 preempted=0
+# shellcheck disable=SC2329  # called by the trap below
 on_warning() {
   preempted=1
   echo "job ${SLURM_JOB_ID}: time limit or preemption warning, checkpointing" >&2
@@ -42,6 +44,8 @@ on_warning() {
 }
 trap on_warning USR1
 
+# Single quotes on purpose: SLURM_NODEID is expanded on each node, not here.
+# shellcheck disable=SC2016
 srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
   --output="$RUN_DIR/logs/%j-node%n.log" \
   bash -c 'NODE_RANK=$SLURM_NODEID exec bash launch/node.sh "$@"' node "$@" &

@@ -8,8 +8,7 @@ Add a reward with one file and one decorator:
     def my_reward(x: RewardInputs) -> torch.Tensor:  # one value per thought, shape [N]
         return ...
 
-and select it with `reward.name=my_reward` (import the module first, e.g. from a sitecustomize or
-your own entry point). Modifiers (weighted sums, clipping, a per-token length penalty) apply to
+and select it with `reward.name=my_reward reward.modules=[my_module]`. Modifiers (weighted sums, clipping, a per-token length penalty) apply to
 any reward through `reward.*` config keys and `apply_reward_config`.
 """
 
@@ -74,7 +73,12 @@ def get_reward(name: str) -> RewardSpec:
 
 
 def reward_names(cfg) -> list[str]:
-    """The rewards a RewardConfig uses (the weighted terms, else the single name)."""
+    """The rewards a RewardConfig uses (the weighted terms, else the single name), after importing
+    `cfg.modules` so that rewards registered there exist."""
+    import importlib
+
+    for module in getattr(cfg, "modules", []):
+        importlib.import_module(module)
     return list(cfg.weights) if cfg.weights else [cfg.name]
 
 

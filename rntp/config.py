@@ -33,6 +33,7 @@ class DataConfig(Section):
     # them, a `datasets.save_to_disk` folder, or a hub dataset name.
     source: str = "stdlib-docs"
     split: str = "train"
+    subset: str | None = Field(None, description="a hub dataset's configuration name, e.g. sample-10BT")
     text_column: str = "text"
     streaming: bool = False
     shuffle: bool = True
@@ -83,6 +84,7 @@ class RolloutConfig(Section):
 
 class RewardConfig(Section):
     name: str = "target_logprob"
+    modules: list[str] = Field([], description="modules to import first: where your own @register_reward live")
     # A weighted sum of registered rewards, e.g. {target_logprob_mean: 1.0, next_token_accuracy: 0.5};
     # replaces `name` when set.
     weights: dict[str, float] | None = None

@@ -124,7 +124,7 @@ def load_documents(cfg: DataConfig, stats: Counter, split: str | None = None):
     elif source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data source does not exist: {source}")
     else:  # a hub dataset name (needs network access)
-        ds = datasets.load_dataset(source, split=split, streaming=cfg.streaming)
+        ds = datasets.load_dataset(source, cfg.subset, split=split, streaming=cfg.streaming)
     names = ds.column_names if ds.column_names is not None else [column]
     if column not in names:
         raise ValueError(f"text column {column!r} not in {source} (columns: {names})")

@@ -115,3 +115,24 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tiny_model_dir, corpus_fil
     model = AutoModelForCausalLM.from_pretrained(latest)
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert yaml.safe_load((latest / "rntp_config.yaml").read_text())["dist"]["zero_stage"] == 3
+
+
+def test_usr1_to_the_node_launcher_checkpoints_and_exits_cleanly(tiny_model_dir, corpus_file, tmp_path):
+    """SLURM's warning signal, as the sbatch template forwards it: launch/node.sh passes it to the
+    training processes, which checkpoint and exit 0, so the job can requeue and resume."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC": "2", "MASTER_PORT": "29617", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "RUN_DIR": str(run_dir), "WANDB_MODE": "disabled"}
+    args = train_args(tiny_model_dir, corpus_file, run_dir, "rollout.sampler=hf", "dist.backend=ddp",
+                      "train.steps=500")[3:-1]  # drop "-m rntp train" and run_dir (node.sh adds them)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "node.sh"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and rows(run_dir)):
+        time.sleep(1)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    state = torch.load(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                       / "trainer_state.pt", weights_only=False)
+    assert 1 <= state["step"] < 500

@@ -121,3 +121,13 @@ def test_reward_baselines_position_policy_and_dynamic_sampling_run(tiny_config, 
     if "grpo.min_group_std=1e6" in options:  # every group is below the spread threshold
         assert [r["groups/dropped_low_spread"] for r in history] == [2, 4]
         assert "optim/grad_norm" not in history[0]
+
+
+def test_a_reward_from_the_users_own_module(tiny_config, tmp_path, monkeypatch):
+    (tmp_path / "my_reward_module.py").write_text(
+        "from rewards import register_reward\n\n"
+        "@register_reward('user_surprise', 'r = -max_h log p(y_h)')\n"
+        "def surprise(x):\n    return -x.target_logprobs.max(-1).values\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    train(tiny_config("train.steps=1", "reward.name=user_surprise", "reward.modules=[my_reward_module]"))
+    assert rows(tmp_path / "run")[0]["reward/mean"] is not None

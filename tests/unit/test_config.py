@@ -40,3 +40,18 @@ def test_malformed_override_and_missing_file(tmp_path):
         load_config(None, ["train.steps"])
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize("path", sorted(str(p) for p in __import__("pathlib").Path("configs").rglob("*.yaml")
+                                        if "sweeps" not in p.parts))
+def test_every_shipped_config_validates(path):
+    load_config(path)
+
+
+def test_every_shipped_sweep_validates():
+    from pathlib import Path
+
+    from rntp.sweep import plan, load_sweep
+
+    for path in Path("configs/sweeps").glob("*.yaml"):
+        assert plan(load_sweep(path))  # every run's config and reward names resolve
