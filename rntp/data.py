@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 import datasets
 import numpy as np
+import torch
 
 from rntp.config import DataConfig
 from rntp.prepare import DEFAULT_CORPUS, default_corpus_dir
@@ -136,7 +137,7 @@ class PositionStream:
     cursor; positions of a chunk depend only on (seed, epoch, document, chunk)."""
 
     def __init__(self, cfg: DataConfig, tokenizer, rank: int = 0, world_size: int = 1, split: str | None = None,
-                 entropy_fn: Callable[[list[int]], "torch.Tensor"] | None = None):
+                 entropy_fn: Callable[[list[int]], torch.Tensor] | None = None):
         """`entropy_fn(chunk)` gives the next-token entropy at every position of a chunk; it is
         required by the "entropy" position policy and should come from a fixed model, so that
         positions stay a function of (seed, data) and resume exactly."""

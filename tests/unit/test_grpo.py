@@ -17,7 +17,7 @@ def loop_advantages(rewards, groups, scale, eps=1e-6):
         members.setdefault(int(g), []).append(i)
     centred = [0.0] * len(rewards)
     out = [0.0] * len(rewards)
-    for g, idx in members.items():
+    for idx in members.values():
         m = sum(rewards[i] for i in idx) / len(idx)
         var = sum((rewards[i] - m) ** 2 for i in idx) / max(len(idx) - 1, 1)
         for i in idx:
