@@ -85,4 +85,18 @@ def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_p
     assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
     assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)  # and it samples from the trained weights
     assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
-    assert (tmp_path / "demo" / "checkpoints" / "step_000002" / "model.safetensors").exists()
+    ckpt = tmp_path / "demo" / "checkpoints" / "step_000002"
+    assert (ckpt / "model.safetensors").exists()
+    # The checkpoint loads in vLLM and transformers alike, and they agree on it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    sampler = make_sampler("vllm", str(ckpt), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
+    seq = tokenizer.encode("Return the list of names in the module.", add_special_tokens=False)
+    served = sampler.prompt_logprobs([seq])[0][1:]
+    sampler.close()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        local = token_logprobs(model, ids, torch.ones_like(ids))[0].tolist()
+    assert max(abs(a - b) for a, b in zip(served, local)) < 1e-3
