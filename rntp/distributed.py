@@ -94,8 +94,12 @@ class Engine:
             self.backend = "ddp" if info.world_size > 1 else "none"
         o = cfg.optim
         schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
-        make_scheduler = lambda opt: get_scheduler(schedule, opt, num_warmup_steps=o.warmup_steps,  # noqa: E731
-                                                   num_training_steps=total_steps)
+        # DeepSpeed steps its scheduler at every optimizer pass (grpo.epochs per training step);
+        # the others step once per training step (step_scheduler). Both follow the same lr per step.
+        passes = cfg.grpo.epochs if self.backend == "deepspeed" else 1
+        make_scheduler = lambda opt: get_scheduler(schedule, opt,  # noqa: E731
+                                                   num_warmup_steps=o.warmup_steps * passes,
+                                                   num_training_steps=total_steps * passes)
         make_optimizer = lambda params: torch.optim.AdamW(params, lr=o.lr, betas=o.betas, eps=o.eps,  # noqa: E731
                                                           weight_decay=o.weight_decay)
         self.raw = model
