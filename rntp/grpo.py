@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,8 +28,15 @@ def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "g
     if scale == "group":
         return centred / (group_std(rewards, group)[group] + eps)
     if scale == "batch":
-        return centred / (centred.std() + eps) if centred.numel() > 1 else centred
+        return centred / (pooled_std(centred.numel(), float(centred.sum()), float((centred**2).sum())) + eps)
     raise ValueError(f"unknown advantage scale {scale!r}")
+
+
+def pooled_std(n: float, total: float, squares: float) -> float:
+    """Unbiased std from a count, a sum and a sum of squares (what ranks can all-reduce); 0 for n < 2."""
+    if n < 2:
+        return 0.0
+    return math.sqrt(max(squares - total * total / n, 0.0) / (n - 1))
 
 
 def group_std(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:

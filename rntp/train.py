@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import random
 import signal
 from pathlib import Path
@@ -287,9 +286,8 @@ def train(cfg: Config) -> Path:
             scale = cfg.grpo.advantage_scale
             advantages[keep] = grpo.group_advantages(rewards[keep], kept_group, "none" if scale == "batch" else scale)
         if cfg.grpo.advantage_scale == "batch":  # the std of the whole batch, across ranks
-            n, total, squares = all_reduce_sum([float(keep.sum()), float(advantages[keep].sum()),
-                                                float((advantages[keep] ** 2).sum())])
-            std = math.sqrt(max(squares - total**2 / max(n, 1), 0.0) / max(n - 1, 1))
+            std = grpo.pooled_std(*all_reduce_sum([float(keep.sum()), float(advantages[keep].sum()),
+                                                   float((advantages[keep] ** 2).sum())]))
             advantages = advantages / (std + 1e-6)
         if cfg.grpo.drop_negative_advantages:
             advantages = advantages.clamp(min=0)

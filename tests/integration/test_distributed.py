@@ -26,9 +26,18 @@ def torchrun(*args, nproc=2, timeout=600, **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
-    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+        # Retry once only when the launch itself failed (a port or connection race on loopback),
+        # never for an error of the code under test.
+        if done.returncode == 0 or not any(s in done.stderr for s in LAUNCH_ERRORS):
+            break
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     return done
+
+
+LAUNCH_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "Address already in use",
+                 "Connection reset by peer", "connectFullMesh")
 
 
 @pytest.fixture(scope="module")

@@ -123,3 +123,13 @@ def test_nonfinite_reward_drops_whole_group():
 def test_zero_spread_fraction():
     rewards = torch.tensor([1.0, 1.0, 2.0, 3.0, 5.0, 5.0])
     assert grpo.zero_spread_fraction(rewards, torch.tensor([0, 0, 1, 1, 2, 2])) == pytest.approx(2 / 3)
+
+
+def test_pooled_std_equals_the_unbiased_std_of_the_pieces():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(13, generator=gen, dtype=torch.float64) * 4 + 2
+    parts = [x[:5], x[5:9], x[9:]]  # as three ranks would hold them
+    n, total, squares = (sum(f(p) for p in parts) for f in (len, lambda p: float(p.sum()),
+                                                            lambda p: float((p**2).sum())))
+    assert grpo.pooled_std(n, total, squares) == pytest.approx(float(x.std()), rel=1e-12)
+    assert grpo.pooled_std(1, 3.0, 9.0) == 0.0
