@@ -35,6 +35,7 @@ def rows(run_dir):
 
 def test_train_writes_metrics_and_a_loadable_checkpoint(tiny_config, tmp_path):
     cfg = tiny_config("train.steps=2", "grpo.kl_coef=0.05", "grpo.nll_coef=0.1", "grpo.epochs=2",
+                      "grpo.advantage_scale=batch",
                       "log.plot=true", "optim.schedule=cosine", "optim.warmup_steps=1")
     ckpt = train(cfg)
     history = rows(tmp_path / "run")
