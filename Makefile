@@ -37,8 +37,7 @@ prepare: install
 demo: prepare
 	$(BIN)/rntp train --config configs/demo.yaml
 
-test: install
-	$(BIN)/rntp prepare-model
+test: prepare
 	$(BIN)/python -m pytest tests -m "not gpu"
 
 test-unit: install
