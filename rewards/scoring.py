@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from rollout.spans import Rollout
+from rollout.spans import Rollout, left_pad
 
 
 @dataclass
@@ -49,15 +49,12 @@ class SequenceBatch:
 def build_batch(rollouts: list[Rollout], targets: list[list[int]], pad_id: int) -> SequenceBatch:
     """Concatenate ids exactly as sampled: prompt + thought + target, no re-tokenization."""
     seqs = [r.prompt_ids + r.thought_ids + t for r, t in zip(rollouts, targets)]
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    ids, attn = left_pad(seqs, pad_id)
+    width = ids.shape[1]
     thought = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
     target = torch.zeros((len(seqs), width - 1), dtype=torch.bool)
     for i, (r, t, s) in enumerate(zip(rollouts, targets, seqs)):
         pad = width - len(s)
-        ids[i, pad:] = torch.tensor(s)
-        attn[i, pad:] = 1
         start = pad + len(r.prompt_ids)  # column of the first thought token
         thought[i, start - 1 : start - 1 + r.n_sampled] = True
         t0 = start + len(r.thought_ids)
@@ -102,7 +99,7 @@ def _context_forward(model, contexts, targets, pad_id: int, autocast: bool, keep
 
     horizon = len(targets[0])
     device = next(model.parameters()).device
-    ids, attn = _left_pad([c + t for c, t in zip(contexts, targets)], pad_id)
+    ids, attn = left_pad([c + t for c, t in zip(contexts, targets)], pad_id)
     ids, attn = ids.to(device), attn.to(device)
     cache = DynamicCache() if keep_cache else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
@@ -131,16 +128,6 @@ def position_entropies(model, ids: list[int]) -> torch.Tensor:
     device = next(model.parameters()).device
     logits = model(input_ids=torch.tensor([ids], device=device), use_cache=False).logits[0, :-1].float()
     return torch.cat([torch.tensor([float("nan")]), entropy_from_logits(logits).cpu()])
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        attn[i, width - len(s):] = 1
-    return ids, attn
 
 
 @torch.no_grad()
@@ -221,7 +208,7 @@ def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batc
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(contexts), micro_batch):
-        ids, attn = _left_pad(contexts[s : s + micro_batch], pad_id)
+        ids, attn = left_pad(contexts[s : s + micro_batch], pad_id)
         ids, attn = ids.to(device), attn.to(device)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=1, use_cache=False).logits[:, -1].float()

@@ -24,6 +24,7 @@ from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
 from rollout import SamplingSpec, ThinkTags
+from rollout.spans import pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def build_eval_set(cfg: Config, tokenizer, base_model) -> EvalSet:
     stream = PositionStream(data_cfg, tokenizer, split=e.split)
     positions = stream.first_epoch(e.num_positions)
     contexts = [p.context for p in positions]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     difficulty = next_token_entropy(base_model, contexts, pad_id, e.batch_positions)
     target_bytes = torch.tensor([sum(token_byte_lengths(tokenizer, p.target)) for p in positions])
     return EvalSet(positions, difficulty, target_bytes, dict(stream.stats))
@@ -88,7 +89,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     """All metrics for one model on the fixed positions; also returns a few samples."""
     e, H = cfg.eval, cfg.data.horizon
     tokenizer = tags.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     budget = e.max_thought_tokens or cfg.rollout.max_thought_tokens
     was_training = model.training
     model.eval()

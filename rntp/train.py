@@ -34,6 +34,7 @@ from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.prepare import resolve_model_path
 from rollout import SamplingSpec, ThinkTags, make_sampler
+from rollout.spans import pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +185,7 @@ def train(cfg: Config) -> Path:
 
     # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     policy = load_policy(model_path, cfg, info.device)
     policy.train()
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline

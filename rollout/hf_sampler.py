@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 
 from rollout.base import SamplingSpec
-from rollout.spans import Rollout, ThinkTags
+from rollout.spans import Rollout, ThinkTags, left_pad, pad_id_of
 
 
 class HFSampler:
     def __init__(self, model, tags: ThinkTags, batch_prompts: int = 16):
         self.model, self.tags, self.batch_prompts = model, tags, batch_prompts
-        tok = tags.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_id_of(tags.tokenizer)
 
     @torch.no_grad()
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
@@ -22,12 +21,8 @@ class HFSampler:
         rollouts: list[Rollout] = []
         for start in range(0, len(prompts), self.batch_prompts):
             batch = prompts[start : start + self.batch_prompts]
-            width = max(map(len, batch))
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            for i, p in enumerate(batch):  # left padding, so every prompt ends at the same column
-                ids[i, width - len(p):] = torch.tensor(p)
-                mask[i, width - len(p):] = 1
+            ids, mask = left_pad(batch, self.pad_id)  # every prompt ends at the same column
+            width = ids.shape[1]
             # One generator per chunk of prompts, seeded from the spec: same weights, same thoughts.
             torch.manual_seed(spec.seed * 1_000_003 + start)
             out = self.model.generate(
