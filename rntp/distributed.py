@@ -19,6 +19,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from rollout.base import WeightStream
+
 log = logging.getLogger(__name__)
 
 
@@ -52,6 +54,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together. A rank that exits while its peers still use the group can
+    abort at interpreter exit (SIGABRT), failing a run whose work is done."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     if not dist.is_initialized():
         return values
@@ -81,7 +91,7 @@ class Engine:
 
     - `model`: call it for forward passes.
     - `backward(loss)` per micro-batch, then `step()` once per optimizer step (returns grad norm).
-    - `weight_buckets()`: full (unsharded) weights in buckets, on every rank, for the sampler.
+    - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler.
     - `save(dir)` / `load(dir)`: backend-native sharded state (optimizer included);
       `export(dir, tokenizer)`: a consolidated Hugging Face folder, written by rank 0.
     """
@@ -175,6 +185,14 @@ class Engine:
         self.raw.train(mode)
 
     # -- weights -----------------------------------------------------------------------------------
+    def weights(self, bucket_mb: float = 256) -> WeightStream:
+        """This step's weights for the sampler: buckets on demand, and their names, dtypes and full
+        shapes known without gathering (ZeRO-3 keeps the full shape as `ds_shape`, a DTensor's
+        shape is global)."""
+        metadata = [(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                    for name, p in self.raw.named_parameters(remove_duplicate=False)]
+        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata)
+
     def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded. Every
         rank must iterate (gathering is collective); each gets the full tensors. Tied weights come

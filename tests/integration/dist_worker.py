@@ -30,7 +30,7 @@ def step(args):
     from rewards import score_groups
     from rntp import grpo
     from rntp.config import load_config
-    from rntp.distributed import Engine, init_distributed
+    from rntp.distributed import Engine, init_distributed, shutdown_distributed
     from rntp.train import load_policy, update_policy
     from rollout import Rollout
 
@@ -59,6 +59,7 @@ def step(args):
     state = engine.full_state_dict()
     if info.rank == 0:
         torch.save({"state": state, "stats": stats}, args.out)
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
