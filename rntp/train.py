@@ -13,6 +13,7 @@ import json
 import logging
 import random
 import signal
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from rntp import grpo
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config
 from rntp.data import PositionStream
-from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed
+from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
 from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.prepare import resolve_model_path
@@ -113,6 +114,21 @@ SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time, mem
 
 
 @torch.no_grad()
+def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
+    """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
+    return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
+                                              cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)
+
+
+@torch.no_grad()
+def follow(ema, weight: float, bucket: list[tuple[str, torch.Tensor]]) -> None:
+    """Move the EMA teacher's parameters `weight` of the way towards the policy's."""
+    params = dict(ema.named_parameters())
+    for name, tensor in bucket:
+        if name in params:
+            params[name].lerp_(tensor.to(params[name].device), weight)
+
+
 def sampler_sync_error(sampler, engine: Engine, rollout, target: list[int]) -> float:
     """Max |log p| difference between the sampler and the trainer on one rollout's full sequence."""
     seq = rollout.prompt_ids + rollout.thought_ids + target
@@ -226,11 +242,14 @@ def train(cfg: Config) -> Path:
         start_step = state["step"]
         log.info("resumed from %s at step %d", resume_dir, start_step)
 
-    # The sampler: vLLM in-process where installed (one engine per rank), else transformers.
-    max_len = cfg.data.chunk_tokens + len(tags.open_ids) + cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8
+    # The sampler: vLLM in-process where installed (one engine per rank or TP group), separately
+    # started vLLM servers, or transformers.
+    max_len = max_sequence_len(cfg, tags)
     sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=sampler_model or policy,
                            dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_len,
-                           vllm_cfg=cfg.rollout.vllm)
+                           vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
+    if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
+        sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     metrics = samples_file = None
     if info.is_main:
@@ -252,6 +271,7 @@ def train(cfg: Config) -> Path:
             spec = SamplingSpec(G, cfg.rollout.max_thought_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                 seed=(cfg.train.seed * 100_003 + step) * 1009 + info.rank)
             rollouts = sampler.sample([tags.prompt(p.context) for p in positions], spec)
+            sampler.sleep()  # a colocated engine frees its accelerator memory for scoring and update
 
         # 2. Score: one pass gives the no-think score, the thoughts' old log-probs and the reward.
         with timer("score"):
@@ -302,13 +322,10 @@ def train(cfg: Config) -> Path:
 
         # 5. New weights to the sampler (and the EMA teacher), in buckets gathered from any shards.
         with timer("sync"):
-            ema_params = dict(ema.named_parameters()) if ema is not None else {}
-            for bucket in engine.weight_buckets(cfg.dist.weight_bucket_mb):
-                sampler.push_weights(bucket)
-                with torch.no_grad():
-                    for name, tensor in bucket:
-                        if name in ema_params:  # the EMA teacher follows the policy slowly (RLP)
-                            ema_params[name].lerp_(tensor.to(ema_params[name].device), 1 - cfg.reward.ema_decay)
+            weights = engine.weights(cfg.dist.weight_bucket_mb)
+            if ema is not None:  # the EMA teacher follows the policy slowly (RLP), from the same gather
+                weights = weights.tap(partial(follow, ema, 1 - cfg.reward.ema_decay))
+            sampler.push_weights(weights)
 
             sync_diff = None
             if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \
@@ -376,12 +393,12 @@ def train(cfg: Config) -> Path:
 
     stop.restore()
     sampler.close()
-    if not info.is_main:
-        return find_checkpoint(run_dir)
-    samples_file.close()
-    plot = metrics.plot() if cfg.log.plot else None
-    metrics.finish()
     final = find_checkpoint(run_dir)
-    print(f"checkpoint: {final}\nmetrics:    {metrics.path}\nsamples:    {run_dir / 'samples.jsonl'}"
-          + (f"\nplot:       {plot}" if plot else ""))
+    if info.is_main:
+        samples_file.close()
+        plot = metrics.plot() if cfg.log.plot else None
+        metrics.finish()
+        print(f"checkpoint: {final}\nmetrics:    {metrics.path}\nsamples:    {run_dir / 'samples.jsonl'}"
+              + (f"\nplot:       {plot}" if plot else ""))
+    shutdown_distributed()
     return final

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -23,14 +23,45 @@ class SamplingSpec:
     seed: int = 0  # with the same weights and seed, a sampler returns the same thoughts
 
 
+Bucket = list[tuple[str, torch.Tensor]]
+
+
+@dataclass
+class WeightStream:
+    """One round of the trainer's full weights for a sampler: buckets of (name, full tensor), made
+    on demand by `buckets` (gathering from shards is collective, so every rank iterates), and
+    `metadata`, what they will hold: (name, dtype, full shape) in order, known without gathering."""
+
+    buckets: Callable[[], Iterator[Bucket]]
+    metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]
+
+    def __iter__(self) -> Iterator[Bucket]:
+        return self.buckets()
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket in self:
+            yield from bucket
+
+    def tap(self, fn: Callable[[Bucket], None]) -> "WeightStream":
+        """The same stream, calling `fn` on each bucket as it passes (one gather serves both)."""
+        def buckets():
+            for bucket in self.buckets():
+                fn(bucket)
+                yield bucket
+        return WeightStream(buckets, self.metadata)
+
+
 class Sampler(Protocol):
     tags: ThinkTags
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
         """G rollouts per prompt, grouped in prompt order (group index = prompt index)."""
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Make the sampler use these weights from the next `sample` on."""
+    def push_weights(self, weights: WeightStream) -> None:
+        """Make the sampler use these weights from the next `sample` on. Every rank calls it."""
+
+    def sleep(self) -> None:
+        """Free accelerator memory until the next `sample` or `push_weights`, where supported."""
 
     def close(self) -> None: ...
 
@@ -40,8 +71,8 @@ def vllm_available() -> bool:
 
 
 def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dtype: str = "float32",
-                 seed: int = 0, max_model_len: int = 2048, vllm_cfg=None) -> Sampler:
-    """kind: "vllm", "hf" or "auto" (vLLM where installed, else transformers)."""
+                 seed: int = 0, max_model_len: int = 2048, vllm_cfg=None, server_cfg=None) -> Sampler:
+    """kind: "vllm", "hf", "server" or "auto" (vLLM where installed, else transformers)."""
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
         log.info("sampler: %s", kind)
@@ -55,4 +86,8 @@ def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dt
         if policy is None:
             raise ValueError("the transformers sampler samples from the training model: pass policy=")
         return HFSampler(policy, tags)
-    raise ValueError(f"unknown sampler {kind!r}; choose auto, vllm or hf")
+    if kind == "server":
+        from rollout.server import ServerSampler
+
+        return ServerSampler(server_cfg, tags)
+    raise ValueError(f"unknown sampler {kind!r}; choose auto, vllm, hf or server")

@@ -40,15 +40,18 @@ class HFSampler:
         self.model.train(was_training)
         return rollouts
 
-    def push_weights(self, named_tensors) -> None:
+    def push_weights(self, weights) -> None:
         """A no-op when sampling from the training model itself; a separate copy (used when the
         trained weights are sharded) takes the gathered tensors."""
         params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, tensor in named_tensors:
+            for name, tensor in (item for bucket in weights for item in bucket):
                 target = params.get(name)
                 if target is not None and target.data_ptr() != tensor.data_ptr():
                     target.copy_(tensor.to(target.device, target.dtype))
+
+    def sleep(self) -> None:
+        pass  # it is the training model
 
     def close(self) -> None:
         pass

@@ -2,6 +2,10 @@
 
 On CPU it runs vLLM's single-process engine ("uni" executor, no V1 multiprocessing);
 new weights go in through `reload_weights`, the path that works with vLLM's CPU kernels.
+Under torchrun each rank runs an engine inside the training world (vLLM's "external_launcher"
+colocation); with `tensor_parallel_size` > 1 an engine spans that many consecutive ranks, which
+then sample their prompts together. With `sleep_level` the engine frees its GPU memory between
+sampling and the weight push.
 """
 
 from __future__ import annotations
@@ -30,15 +34,70 @@ class VLLMSampler:
         import torch.distributed as dist
 
         self.tags = tags
-        # Under torchrun every rank runs its own engine inside the training world ("external_launcher",
-        # vLLM's colocation mode); a single process runs the in-process "uni" executor.
-        colocated = dist.is_initialized() and dist.get_world_size() > 1
+        self.tp = getattr(cfg, "tensor_parallel_size", 1)
+        self.sleep_level = getattr(cfg, "sleep_level", 0)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world > 1 and world % self.tp:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size={self.tp} does not divide the {world} ranks")
+        # Under torchrun every rank (or TP group of ranks, which pool their requests) runs an engine
+        # inside the training world (vLLM's "external_launcher" colocation); a single process runs the
+        # in-process "uni" executor, or lets vLLM start its own workers ("mp") for tp > 1.
+        self.pool_requests = world > 1 and self.tp > 1
+        if self.sleep_level:
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
+                raise ValueError(f"rollout.vllm.sleep_level={self.sleep_level}: vLLM has no sleep mode on "
+                                 f"{current_platform.device_name}; set it to 0")
+        executor = "external_launcher" if world > 1 else ("mp" if self.tp > 1 else "uni")
+        if getattr(cfg, "dtype", "auto") != "auto":
+            dtype = cfg.dtype
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=getattr(cfg, "enforce_eager", True),
-                      distributed_executor_backend="external_launcher" if colocated else "uni")
+                      enforce_eager=getattr(cfg, "enforce_eager", True), tensor_parallel_size=self.tp,
+                      enable_sleep_mode=self.sleep_level > 0,
+                      distributed_executor_backend=executor)
         if on_gpu:
             kwargs["gpu_memory_utilization"] = getattr(cfg, "gpu_memory_utilization", 0.3)
         self.llm = LLM(**kwargs)
+        self.asleep = False
+
+    def _pooled(self, mine):
+        """Every rank's `mine`, over this rank's tensor-parallel group (whose ranks must all submit the
+        same requests), and this rank's index in it."""
+        if not self.pool_requests:
+            return [mine], 0
+        import torch.distributed as dist
+        from vllm.distributed.parallel_state import get_tp_group
+
+        group = get_tp_group()
+        pooled = [None] * self.tp
+        dist.all_gather_object(pooled, mine, group=group.cpu_group)
+        return pooled, group.rank_in_group
+
+    def _generate(self, per_member, params_of):
+        """Generate every TP-group member's requests in one call; this rank's outputs back."""
+        self.wake_up()
+        pooled, me = self._pooled(per_member)
+        inputs, params, spans = [], [], []
+        for member in pooled:
+            member_inputs, member_params = params_of(member)
+            spans.append((len(inputs), len(inputs) + len(member_inputs)))
+            inputs += member_inputs
+            params += member_params
+        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        start, end = spans[me]
+        return outputs[start:end]
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    def sleep(self) -> None:
+        """Free the engine's accelerator memory until the next push or sample (sleep_level > 0)."""
+        if self.sleep_level and not self.asleep:
+            self.llm.sleep(level=self.sleep_level)
+            self.asleep = True
 
     def requests(self, prompts: list[list[int]], spec: SamplingSpec):
         """The vLLM requests for `prompts`; also used by the benchmark to time raw generate."""
@@ -56,17 +115,24 @@ class VLLMSampler:
         return [TokensPrompt(prompt_token_ids=p) for p in prompts], params
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
-        inputs, params = self.requests(prompts, spec)
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        outputs = self._generate((prompts, spec), lambda member: self.requests(*member))
         rollouts = []
         for group, out in enumerate(outputs):
+            if list(out.prompt_token_ids) != prompts[group]:  # pooled TP requests came back misaligned
+                raise RuntimeError(f"vLLM answered prompt {group} with another prompt's completions")
             for completion in sorted(out.outputs, key=lambda c: c.index):
                 rollouts.append(self.tags.finish(group, prompts[group], list(completion.token_ids)))
         return rollouts
 
-    def push_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        weights = [(name, t.detach()) for name, t in named_tensors]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+    def push_weights(self, weights: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        if self.asleep:  # weights first, so the KV cache is not allocated while they load
+            self.llm.wake_up(tags=["weights"])
+        for bucket in weights:
+            # Every rank of a TP group passes the full tensors; each keeps its own shard.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(n, t.detach()) for n, t in bucket]})
+        if self.asleep:
+            self.llm.wake_up(tags=["kv_cache"])
+            self.asleep = False
         self.llm.reset_prefix_cache()
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float | None]]:
@@ -75,7 +141,8 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=s) for s in sequences], params, use_tqdm=False)
+        outs = self._generate(sequences, lambda seqs: ([TokensPrompt(prompt_token_ids=s) for s in seqs],
+                                                       [params] * len(seqs)))
         result = []
         for seq, out in zip(sequences, outs):
             row = [None]

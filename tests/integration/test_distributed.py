@@ -87,6 +87,19 @@ def test_two_ranks_with_a_vllm_engine_each_stay_in_sync(tiny_model_dir, corpus_f
     assert history[-1]["optim/grad_norm"] > 0
 
 
+@pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")
+def test_two_ranks_share_one_tensor_parallel_vllm_engine(tiny_model_dir, corpus_file, tmp_path):
+    # One engine sharded over both ranks (TP=2); each rank's prompts go in one pooled call, and the
+    # sampler checks that every rank gets its own prompts' completions back.
+    torchrun(*train_args(tiny_model_dir, corpus_file, tmp_path / "run", "rollout.sampler=vllm",
+                         "rollout.vllm.tensor_parallel_size=2", "dist.backend=deepspeed", "dist.zero_stage=3",
+                         "train.steps=2", "rollout.check_sync_every=1", "optim.lr=1e-2", "rollout.vllm.kv_cache_gb=1"))
+    history = rows(tmp_path / "run")
+    assert [r["step"] for r in history] == [1, 2]
+    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in history)
+    assert history[-1]["optim/grad_norm"] > 0
+
+
 @pytest.mark.parametrize("backend", ["dist.backend=deepspeed dist.zero_stage=2", "dist.backend=fsdp2"])
 def test_two_rank_save_and_resume_continue_identically(backend, tiny_model_dir, corpus_file, tmp_path):
     options = [*backend.split(), "rollout.sampler=hf", "train.steps=4", "train.save_every=2", "optim.lr=1e-3"]

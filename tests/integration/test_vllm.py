@@ -60,7 +60,7 @@ def test_weight_push_makes_vllm_match_the_trainer(vllm_sampler, tiny_model_dir, 
     ids = torch.tensor([seqs[0]])
     (-token_logprobs(policy, ids, torch.ones_like(ids)).sum()).backward()  # one real training step
     optimizer.step()
-    vllm_sampler.push_weights(policy.state_dict().items())
+    vllm_sampler.push_weights([list(policy.state_dict().items())])  # one bucket
     after = vllm_sampler.prompt_logprobs(seqs)
     policy.eval()
     for seq, b, a in zip(seqs, before, after):
@@ -100,3 +100,13 @@ def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_p
     with torch.no_grad():
         local = token_logprobs(model, ids, torch.ones_like(ids))[0].tolist()
     assert max(abs(a - b) for a, b in zip(served, local)) < 1e-3
+
+
+def test_sleep_where_vllm_has_no_sleep_mode_is_a_clear_error(tiny_model_dir, tokenizer):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA has a sleep mode")
+    from rntp.config import load_config
+
+    cfg = load_config(None, ["rollout.vllm.sleep_level=1"])
+    with pytest.raises(ValueError, match="no sleep mode"):
+        make_sampler("vllm", str(tiny_model_dir), ThinkTags(tokenizer), vllm_cfg=cfg.rollout.vllm)
