@@ -1,4 +1,4 @@
-"""`rntp` command line: train, prepare-model, prepare-data, rewards."""
+"""`rntp` command line: train, serve, eval, sweep, compare, rewards, prepare-model, prepare-data."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     p_data = sub.add_parser("prepare-data", help="build the offline default corpus (stdlib docstrings)")
     p_data.add_argument("--force", action="store_true")
     sub.add_parser("rewards", help="list registered rewards and their formulas")
+    p_serve = sub.add_parser("serve", help="start a vLLM server for rollout.sampler=server (args after -- go to vLLM)")
+    p_serve.add_argument("--config", help="YAML config (model, data, rollout sections are used)")
+    p_serve.add_argument("--host", default="0.0.0.0")
+    p_serve.add_argument("--port", type=int, default=8000)
+    p_serve.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
+    p_serve.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     p_sweep = sub.add_parser("sweep", help="run a sweep file locally or as a SLURM job array")
     p_sweep.add_argument("file")
     p_sweep.add_argument("--dry-run", action="store_true", help="validate and print the runs, run nothing")
@@ -40,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
     p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
     p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args, passthrough = parser.parse_args(argv[:split]), argv[split + 1 :]
+    if passthrough and args.command != "serve":
+        parser.error("arguments after -- are passed to vLLM by `rntp serve` only")
     _setup_env()
 
     from rntp.config import ConfigError
@@ -90,6 +100,25 @@ def main(argv: list[str] | None = None) -> int:
             from rntp.compare import compare
 
             print(compare(args.runs, Path(args.out)))
+        elif args.command == "serve":
+            import shlex
+
+            from transformers import AutoTokenizer
+
+            from rntp.config import load_config
+            from rntp.prepare import resolve_model_path
+            from rntp.train import max_sequence_len
+            from rollout import ThinkTags
+            from rollout.server import serve_command
+
+            cfg = load_config(args.config, args.overrides)
+            path = resolve_model_path(cfg.model.name_or_path)
+            tags = ThinkTags(AutoTokenizer.from_pretrained(path), cfg.rollout.open_tag, cfg.rollout.close_tag)
+            command, env = serve_command(path, cfg, host=args.host, port=args.port,
+                                         max_model_len=max_sequence_len(cfg, tags), vllm_args=passthrough)
+            print(("VLLM_SERVER_DEV_MODE=1 " if args.dry_run else "") + shlex.join(command), flush=True)
+            if not args.dry_run:
+                os.execvpe(command[0], command, env)  # the server takes this process's place and signals
         elif args.command == "rewards":
             from rewards import REWARDS
 

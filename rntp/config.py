@@ -62,14 +62,42 @@ class DataConfig(Section):
 
 
 class VllmConfig(Section):
+    # The sampler's weights: "auto" = model.dtype. bfloat16 halves the engine's memory and the
+    # weight push; the trainer re-scores every thought itself, so the loss uses its own log-probs.
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     kv_cache_gb: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    max_model_len: int | None = None
+    max_model_len: int | None = Field(None, description="None: context + thought budget + tags")
     enforce_eager: bool = True
+    # Colocated engines on GPUs: 1 puts the engine's weights in CPU memory and drops its KV cache
+    # while the trainer scores and updates; 2 drops the weights too (they are pushed back anyway).
+    # 0 keeps it resident. Needs vLLM's sleep mode (CUDA/ROCm); refused elsewhere.
+    sleep_level: Literal[0, 1, 2] = 0
+    # Colocated engines sharded over this many consecutive ranks (a TP group); the ranks of a
+    # group sample their prompts together. Must divide the world size.
+    tensor_parallel_size: int = Field(1, ge=1)
+
+
+class ServerConfig(Section):
+    """Rollouts from separately started vLLM servers (`rntp serve`), for models too large to colocate."""
+
+    urls: list[str] = Field([], description="base URLs of the servers, e.g. http://node7:8000")
+    # How new weights reach the servers, through vLLM's weight-transfer API: nccl (vLLM's, GPUs)
+    # or gloo (ours, any machine); auto = nccl where CUDA is available. Start the servers with the same.
+    weight_transfer: Literal["auto", "nccl", "gloo"] = "auto"
+    # Where the servers' workers meet trainer rank 0; None = 127.0.0.1 when every server is local,
+    # else this host's address. Port 0 picks a free one.
+    transfer_address: str | None = None
+    transfer_port: int = Field(0, ge=0, lt=65536)
+    timeout_s: float = Field(600, gt=0, description="per request and per transfer")
+    startup_timeout_s: float = Field(600, gt=0, description="how long to wait for the servers to answer")
+    max_concurrent_requests: int = Field(64, ge=1)
 
 
 class RolloutConfig(Section):
-    sampler: Literal["auto", "vllm", "hf"] = "auto"
+    # server: separately started vLLM servers (`rollout.server`); vllm: an engine per rank (or TP
+    # group) in the trainer's processes; hf: transformers generate on the training model.
+    sampler: Literal["auto", "vllm", "hf", "server"] = "auto"
     group_size: int = Field(4, ge=2, description="G: thoughts per position")
     max_thought_tokens: int = Field(32, ge=1, description="T: thought budget")
     temperature: float = Field(1.0, gt=0)
@@ -80,6 +108,13 @@ class RolloutConfig(Section):
     # (metric sync/max_logprob_diff); every N steps, 0 = off. vLLM only.
     check_sync_every: int = Field(0, ge=0)
     vllm: VllmConfig = VllmConfig()
+    server: ServerConfig = ServerConfig()
+
+    @model_validator(mode="after")
+    def _server_named(self) -> "RolloutConfig":
+        if self.sampler == "server" and not self.server.urls:
+            raise ValueError("rollout.sampler=server needs rollout.server.urls (start servers with `rntp serve`)")
+        return self
 
 
 class RewardConfig(Section):

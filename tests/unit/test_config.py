@@ -23,6 +23,9 @@ def test_file_and_overrides(tmp_path):
     ("rollout.group_size=1", "rollout.group_size"),
     ("grpo.loss_aggregation=mean", "grpo.loss_aggregation"),
     ("train.steps=many", "train.steps"),
+    ("rollout.sampler=server", "rollout.server.urls"),
+    ("rollout.vllm.sleep_level=3", "rollout.vllm.sleep_level"),
+    ("rollout.server.weight_transfer=tcp", "rollout.server.weight_transfer"),
 ])
 def test_bad_keys_and_values_are_clear_errors(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
@@ -55,3 +58,16 @@ def test_every_shipped_sweep_validates():
 
     for path in Path("configs/sweeps").glob("*.yaml"):
         assert plan(load_sweep(path))  # every run's config and reward names resolve
+
+
+def test_serve_dry_run_prints_the_vllm_server_command(capsys):
+    from rntp.cli import main
+
+    assert main(["serve", "--dry-run", "--port", "8123", "rollout.server.weight_transfer=gloo", "data.chunk_tokens=64",
+                 "rollout.max_thought_tokens=6", "--", "--tensor-parallel-size", "2"]) == 0
+    command = capsys.readouterr().out.strip()
+    assert command.startswith("VLLM_SERVER_DEV_MODE=1 ") and "vllm.entrypoints.openai.api_server" in command
+    assert """--weight-transfer-config '{"backend": "gloo"}'""" in command
+    assert command.endswith("--tensor-parallel-size 2")  # arguments after -- go to vLLM unchanged
+    # context 64 + thought 6 + the tags' tokens + slack, so no sequence the sampler sees is cut
+    assert int(command.split("--max-model-len ")[1].split()[0]) >= 64 + 6 + 2

@@ -1,0 +1,242 @@
+"""Server mode: rollouts from separately started vLLM servers, for models too large to colocate.
+
+Start the servers first (`rntp serve --config ...` on each inference node: vLLM's OpenAI-compatible
+server with its RL routes and a weight-transfer backend), then train with
+`rollout.sampler=server rollout.server.urls=[http://node:8000,...]`.
+
+- Sampling: every trainer rank sends its own prompts as token ids to `/v1/completions`, one
+  request per prompt (G completions, a seed per prompt), spread over the servers, and reads the
+  sampled token ids back (`return_token_ids`), so sequences stay token-exact.
+- Weights: vLLM's weight-transfer API. Trainer rank 0 and every server worker form one group
+  (nccl on GPUs with vLLM's engine, gloo elsewhere with `rollout.weight_transfer`'s); all ranks
+  iterate the weights (gathering shards is collective), rank 0 sends; then the servers' prefix
+  caches are reset and every rank waits at a barrier, so no rank samples with old weights.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import requests
+import torch
+
+from rollout.base import SamplingSpec, WeightStream
+from rollout.spans import Rollout, ThinkTags
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class ServerGroup:
+    """vLLM's weight-sync client protocol (`VLLMWeightSyncClient`) over several servers. Each call
+    goes to all of them at once, since their workers meet the trainer in one group; each server is
+    told where its workers' ranks start in that group."""
+
+    def __init__(self, urls: list[str], worker_counts: list[int], timeout: float):
+        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
+
+        self.clients = [HTTPVLLMWeightSyncClient(url, timeout) for url in urls]
+        self.offsets = [sum(worker_counts[:i]) for i in range(len(urls))]
+
+    def _all(self, call) -> None:
+        with ThreadPoolExecutor(max_workers=len(self.clients)) as pool:
+            for done in [pool.submit(call, i, client) for i, client in enumerate(self.clients)]:
+                done.result()
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._all(lambda i, c: c.init_weight_transfer_engine(
+            {**init_info, "rank_offset": init_info["rank_offset"] + self.offsets[i]}))
+
+    def start_weight_update(self) -> None:
+        self._all(lambda i, c: c.start_weight_update())
+
+    def update_weights(self, update_info) -> None:
+        self._all(lambda i, c: c.update_weights(update_info))
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._all(lambda i, c: c.finish_weight_update(weight_version))
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._all(lambda i, c: c.shutdown_weight_transfer_engine())
+
+
+def _weight_source(weights: WeightStream):
+    """The stream as vLLM's `WeightSource` (what its trainer-side engines iterate)."""
+    from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+
+    class StreamSource(WeightSource):
+        def metadata(self):
+            return [ParamMeta(name, dtype, tuple(shape)) for name, dtype, shape in weights.metadata]
+
+        def __iter__(self):
+            return weights.tensors()
+
+    return StreamSource()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class ServerSampler:
+    def __init__(self, cfg, tags: ThinkTags):
+        import torch.distributed as dist
+
+        self.cfg, self.tags = cfg, tags
+        self.urls = [url.rstrip("/") for url in cfg.urls]
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.http = requests.Session()
+        self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrent_requests)
+        self.model = [self._wait_for(url) for url in self.urls][0]
+        self.transfer = None  # vLLM's trainer-side engine, made at the first push
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    def _wait_for(self, url: str) -> str:
+        """Block until the server answers; the name it serves."""
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while True:
+            try:
+                models = self.http.get(f"{url}/v1/models", timeout=10)
+                models.raise_for_status()
+                return models.json()["data"][0]["id"]
+            except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as e:
+                if time.monotonic() > deadline:
+                    raise ServerError(f"no vLLM server answered at {url} within {self.cfg.startup_timeout_s:.0f} s "
+                                      f"({e}); start one with `rntp serve`") from None
+                time.sleep(2)
+
+    def _post(self, url: str, path: str, payload: dict | None = None) -> dict:
+        response = self.http.post(f"{url}{path}", json=payload, timeout=self.cfg.timeout_s)
+        if response.status_code == 404 and path != "/v1/completions":
+            raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
+                              "(`rntp serve` does) so vLLM exposes its RL and cache routes")
+        if not response.ok:
+            raise ServerError(f"{url}{path} answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+    def _complete(self, payloads: list[dict]) -> list[dict]:
+        """One completion request per payload, spread over the servers (offset by rank so that
+        ranks with few prompts do not all pick the first server)."""
+        jobs = [self.pool.submit(self._post, self.urls[(self.rank + i) % len(self.urls)], "/v1/completions",
+                                 {"model": self.model, "return_token_ids": True, **p})
+                for i, p in enumerate(payloads)]
+        return [job.result() for job in jobs]
+
+    # -- sampling ------------------------------------------------------------------------------------
+    def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
+        # The same requests as the in-process sampler: a seed per prompt, ends at the close tag.
+        payloads = [dict(prompt=p, n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
+                         top_p=spec.top_p, seed=spec.seed * 1_000_003 + i, stop=[self.tags.close_tag],
+                         include_stop_str_in_output=True, ignore_eos=True)
+                    for i, p in enumerate(prompts)]
+        rollouts = []
+        for group, answer in enumerate(self._complete(payloads)):
+            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+                rollouts.append(self.tags.finish(group, prompts[group], list(choice["token_ids"])))
+        return rollouts
+
+    def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float | None]]:
+        """log p(token_t | tokens_<t) for every token of each sequence, as the server computes it."""
+        answers = self._complete([dict(prompt=s, max_tokens=1, prompt_logprobs=0) for s in sequences])
+        rows = []
+        for seq, answer in zip(sequences, answers):
+            entries = answer["choices"][0]["prompt_logprobs"]
+            rows.append([None] + [entry[str(tok)]["logprob"] for tok, entry in zip(seq[1:], entries[1:])])
+        return rows
+
+    # -- weights -------------------------------------------------------------------------------------
+    def _backend(self) -> str:
+        choice = self.cfg.weight_transfer
+        return ("nccl" if torch.cuda.is_available() else "gloo") if choice == "auto" else choice
+
+    def _connect(self, weights: WeightStream):
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+        from rollout import weight_transfer
+
+        weight_transfer.register()
+        workers = [self._get(url, "/get_world_size")["world_size"] for url in self.urls]
+        local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in self.urls)
+        address = self.cfg.transfer_address or ("127.0.0.1" if local else socket.gethostbyname(socket.gethostname()))
+        common = dict(master_address=address, world_size=1 + sum(workers), rank=self.rank)
+        if self._backend() == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+
+            info = NCCLTrainerInitInfo(**common, master_port=self.cfg.transfer_port or free_port())
+        else:
+            info = weight_transfer.GlooTrainerInitInfo(**common, master_port=self.cfg.transfer_port,
+                                                       timeout_s=self.cfg.timeout_s)
+        log.info("weight transfer (%s) to %d server worker(s) via %s", info.backend, sum(workers), address)
+        return WeightTransferTrainerFactory.trainer_init(info, client=ServerGroup(self.urls, workers, self.cfg.timeout_s),
+                                                         source=_weight_source(weights))
+
+    def _get(self, url: str, path: str) -> dict:
+        response = self.http.get(f"{url}{path}", timeout=self.cfg.timeout_s)
+        if response.status_code == 404:
+            raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
+                              "(`rntp serve` does) so vLLM exposes its RL routes")
+        response.raise_for_status()
+        return response.json()
+
+    def push_weights(self, weights: WeightStream) -> None:
+        import torch.distributed as dist
+
+        if self.transfer is None:
+            self.transfer = self._connect(weights)
+        self.transfer.source = _weight_source(weights)  # this round's weights
+        self.transfer.send_weights()
+        if self.rank == 0:
+            for url in self.urls:  # cached prefixes hold keys/values of the old weights
+                self._post(url, "/reset_prefix_cache")
+        if dist.is_initialized():
+            dist.barrier()  # no rank samples before the servers hold the new weights
+
+    def sleep(self) -> None:
+        pass  # the servers keep their memory; they do not share it with training
+
+    def close(self) -> None:
+        if self.transfer is not None:
+            try:
+                self.transfer.shutdown()
+                if self.rank == 0:  # free the servers for the next trainer
+                    self.transfer.client.shutdown_weight_transfer_engine()
+            except Exception as e:  # the servers may already be gone; training is over either way
+                log.warning("closing the weight transfer: %s", e)
+        self.pool.shutdown(wait=False)
+        self.http.close()
+
+
+def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: int,
+                  vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
+    """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
+    vLLM's OpenAI-compatible server with its RL routes (VLLM_SERVER_DEV_MODE) and the weight-transfer
+    backend the trainer will use. `vllm_args` go through as they are (e.g. --tensor-parallel-size 8)."""
+    import json
+    import os
+    import sys
+
+    backend = cfg.rollout.server.weight_transfer
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    vllm = cfg.rollout.vllm
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+            "--host", host, "--port", str(port), "--dtype", cfg.model.dtype if vllm.dtype == "auto" else vllm.dtype,
+            "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed),
+            "--weight-transfer-config", json.dumps({"backend": backend})]
+    if vllm.enforce_eager:
+        argv.append("--enforce-eager")
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    if torch.cuda.is_available():
+        argv += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
+    else:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(vllm.kv_cache_gb)))
+    return argv + vllm_args, {**os.environ, **env}

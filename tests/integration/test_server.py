@@ -1,0 +1,151 @@
+"""Server mode on CPU: a real vLLM server started by `rntp serve`, rollouts over HTTP, weights over
+vLLM's weight-transfer API with the gloo backend, and two trainer ranks training against it."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import torch
+from transformers import AutoModelForCausalLM
+
+from rewards.scoring import token_logprobs
+from rntp.config import load_config
+from rollout import SamplingSpec, ThinkTags, make_sampler
+from rollout.base import WeightStream, vllm_available
+from tests.integration.test_distributed import ROOT, rows, torchrun, train_args
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
+              pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
+SERVE = ["data.chunk_tokens=64", "rollout.max_thought_tokens=6", "rollout.vllm.kv_cache_gb=1",
+         "rollout.server.weight_transfer=gloo"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir, log_path, *overrides, env=None):
+    """`rntp serve` on a free local port; its URL once it answers (its log in the failure otherwise)."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
+                                 f"model.name_or_path={model_dir}", *overrides], cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=5).ok:
+                return proc, url
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop_server(proc)
+            pytest.fail("rntp serve did not come up:\n" + open(log_path).read()[-4000:])
+        time.sleep(2)
+
+
+def stop_server(proc):
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    proc, url = start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log", *SERVE)
+    yield url
+    stop_server(proc)
+
+
+def server_sampler(url, tokenizer, **server):
+    cfg = load_config(None, ["rollout.sampler=server", f"rollout.server.urls=[{url}]",
+                             *[f"rollout.server.{k}={v}" for k, v in server.items()]])
+    return make_sampler("server", "", ThinkTags(tokenizer), server_cfg=cfg.rollout.server)
+
+
+def stream_of(model, per_bucket=5) -> WeightStream:
+    """The model's weights in small buckets (several broadcasts), tied names included."""
+    named = list(model.named_parameters(remove_duplicate=False))
+    return WeightStream(lambda: ([(n, p.detach()) for n, p in named[i : i + per_bucket]]
+                                 for i in range(0, len(named), per_bucket)),
+                        [(n, p.dtype, tuple(p.shape)) for n, p in named])
+
+
+def prompts_of(tokenizer, tags):
+    return [tags.prompt(tokenizer.encode(t, add_special_tokens=False))
+            for t in ("The value returned by the function is", "Each line of the file", "A list of names")]
+
+
+def test_server_draws_the_thoughts_the_in_process_engine_draws(server, tiny_model_dir, tokenizer):
+    remote = server_sampler(server, tokenizer)
+    local = make_sampler("vllm", str(tiny_model_dir), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
+    try:
+        spec = SamplingSpec(n=3, max_tokens=6, seed=7)
+        prompts = prompts_of(tokenizer, remote.tags)
+        ours, theirs = remote.sample(prompts, spec), local.sample(prompts, spec)
+        assert [r.group for r in ours] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+        assert all(r.prompt_ids == prompts[r.group] for r in ours)
+        assert [r.thought_ids for r in ours] == [r.thought_ids for r in theirs]
+        assert len({tuple(r.thought_ids) for r in ours}) > 1  # seeds differ per prompt and per sample
+    finally:
+        local.close()
+        remote.close()
+
+
+def test_weights_pushed_over_gloo_reach_the_server(server, tiny_model_dir, tokenizer):
+    sampler = server_sampler(server, tokenizer)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    seqs = [tokenizer.encode(t, add_special_tokens=False) for t in
+            ("Each module returns a list of names.", "The default argument is the first value.")]
+    ids = torch.tensor([seqs[0]])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    (-token_logprobs(policy, ids, torch.ones_like(ids)).sum()).backward()  # one real training step
+    optimizer.step()
+    policy.eval()
+
+    def gap():
+        served = sampler.prompt_logprobs(seqs)
+        worst = 0.0
+        for seq, row in zip(seqs, served):
+            seq_ids = torch.tensor([seq])
+            with torch.no_grad():
+                trainer = token_logprobs(policy, seq_ids, torch.ones_like(seq_ids))[0]
+            worst = max(worst, (torch.tensor(row[1:]) - trainer).abs().max().item())
+        return worst
+
+    try:
+        assert gap() > 1e-2  # the server still has the weights it started with
+        sampler.push_weights(stream_of(policy))
+        assert gap() < 1e-4
+        sampler.push_weights(stream_of(policy))  # a second round over the same group
+        assert gap() < 1e-4
+    finally:
+        sampler.close()
+
+
+def test_two_ranks_train_against_a_server(server, tiny_model_dir, corpus_file, tmp_path):
+    torchrun(*train_args(tiny_model_dir, corpus_file, tmp_path / "run", "rollout.sampler=server",
+                         f"rollout.server.urls=[{server}]", "rollout.server.weight_transfer=gloo",
+                         "dist.backend=deepspeed", "dist.zero_stage=3", "train.steps=2",
+                         "rollout.check_sync_every=1", "optim.lr=1e-2"))
+    history = rows(tmp_path / "run")
+    assert [r["step"] for r in history] == [1, 2]
+    # after each push (rank 0 sends the ZeRO-3-gathered weights) the server scores like the trainer
+    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in history)
+    assert history[-1]["optim/grad_norm"] > 0
+
+
+def test_a_missing_server_is_a_clear_error(tokenizer):
+    from rollout.server import ServerError
+
+    with pytest.raises(ServerError, match="no vLLM server answered at .*rntp serve"):
+        server_sampler(f"http://127.0.0.1:{free_port()}", tokenizer, startup_timeout_s=1)
