@@ -4,6 +4,10 @@
 # or preemption (--signal=B:USR1@<seconds>): the run checkpoints, exits cleanly, and the requeued
 # job resumes from the checkpoint (same SLURM_JOB_ID, so the same RUN_DIR).
 #
+# Server mode: SERVER_NODES=K gives the first K nodes to vLLM servers (`rntp serve`, one per node,
+# tensor-parallel over its GPUs, port SERVER_PORT) and trains on the others with
+# rollout.sampler=server pointed at them; the servers stop when training ends.
+#
 # Outside SLURM, DRY_RUN=1 prints the resolved commands (hosts from DRY_RUN_HOSTS).
 set -euo pipefail
 
@@ -16,8 +20,21 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
 else
   mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 fi
-export NNODES=${#hosts[@]}
-export MASTER_ADDR=${hosts[0]}
+SERVER_NODES=${SERVER_NODES:-0}
+SERVER_PORT=${SERVER_PORT:-8000}
+servers=("${hosts[@]:0:SERVER_NODES}")
+trainers=("${hosts[@]:SERVER_NODES}")
+if (( ${#trainers[@]} == 0 )); then
+  echo "SERVER_NODES=${SERVER_NODES} leaves no node of ${#hosts[@]} for training" >&2
+  exit 2
+fi
+train_args=("$@")
+if (( SERVER_NODES > 0 )); then
+  urls=$(printf "http://%s:${SERVER_PORT}," "${servers[@]}")
+  train_args+=(rollout.sampler=server "rollout.server.urls=[${urls%,}]")
+fi
+export NNODES=${#trainers[@]}
+export MASTER_ADDR=${trainers[0]}
 job_digits=${SLURM_JOB_ID//[^0-9]/}
 export MASTER_PORT=${MASTER_PORT:-$((20000 + ${job_digits:-0} % 20000))}
 export RUN_ID=$SLURM_JOB_ID
@@ -25,11 +42,18 @@ export RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 export NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 
+serve_cmd=("$PYTHON" -m rntp serve --port "$SERVER_PORT" "$@" -- --tensor-parallel-size "${NPROC:-1}")
+
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  echo "job ${SLURM_JOB_ID}: ${NNODES} node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
-  for rank in "${!hosts[@]}"; do
-    printf 'srun on %s -> ' "${hosts[$rank]}"
-    NODE_RANK=$rank bash "$ROOT/launch/node.sh" "$@"
+  echo "job ${SLURM_JOB_ID}: ${NNODES} training node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
+  for host in "${servers[@]}"; do
+    printf 'srun on %s -> server:' "$host"
+    printf ' %q' "${serve_cmd[@]}"
+    printf '\n'
+  done
+  for rank in "${!trainers[@]}"; do
+    printf 'srun on %s -> ' "${trainers[$rank]}"
+    NODE_RANK=$rank bash "$ROOT/launch/node.sh" "${train_args[@]}"
   done
   exit 0
 fi
@@ -44,11 +68,17 @@ on_warning() {
 }
 trap on_warning USR1
 
+server_pid=
+if (( SERVER_NODES > 0 )); then
+  srun --nodes="$SERVER_NODES" --nodelist="$(IFS=,; echo "${servers[*]}")" --ntasks-per-node=1 \
+    --output="$RUN_DIR/logs/%j-server%n.log" "${serve_cmd[@]}" &
+  server_pid=$!
+fi
 # Single quotes on purpose: SLURM_NODEID is expanded on each node, not here.
 # shellcheck disable=SC2016
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
+srun --nodes="$NNODES" --nodelist="$(IFS=,; echo "${trainers[*]}")" --ntasks-per-node=1 --kill-on-bad-exit=1 \
   --output="$RUN_DIR/logs/%j-node%n.log" \
-  bash -c 'NODE_RANK=$SLURM_NODEID exec bash launch/node.sh "$@"' node "$@" &
+  bash -c 'NODE_RANK=$SLURM_NODEID exec bash launch/node.sh "$@"' node "${train_args[@]}" &
 srun_pid=$!
 status=0
 while true; do
@@ -56,6 +86,10 @@ while true; do
   if kill -0 "$srun_pid" 2>/dev/null; then continue; fi
   break
 done
+if [[ -n "$server_pid" ]]; then
+  kill "$server_pid" 2>/dev/null || true  # training is over; the servers have nothing left to do
+  wait "$server_pid" 2>/dev/null || true
+fi
 
 if [[ "$preempted" == 1 ]]; then
   echo "job ${SLURM_JOB_ID}: requeueing to resume from ${RUN_DIR}" >&2

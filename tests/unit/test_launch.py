@@ -1,6 +1,7 @@
 """Launch scripts: shellcheck-clean, and their dry runs resolve the commands a cluster would run."""
 
 import os
+import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,3 +52,27 @@ def test_requeued_job_resumes_from_its_run_dir(tmp_path):
 def test_local_torchrun_dry_run():
     out = dry_run("torchrun.sh", "--config", "configs/demo.yaml", NPROC="2")
     assert "--nnodes=1 --node-rank=0 --nproc-per-node=2" in out and "-m rntp train --config configs/demo.yaml" in out
+
+
+def test_server_mode_dry_run_gives_the_first_nodes_to_vllm_servers(tmp_path):
+    out = dry_run("multi_node.sbatch", "--config", "configs/demo.yaml", DRY_RUN_HOSTS="gpu-a gpu-b gpu-c gpu-d",
+                  SERVER_NODES="2", SERVER_PORT="8100", SLURM_JOB_ID="5", NPROC="8", RUN_DIR=str(tmp_path / "r"))
+    lines = [line for line in out.splitlines() if line.startswith("srun on")]
+    servers, trainers = lines[:2], lines[2:]
+    for host, line in zip(["gpu-a", "gpu-b"], servers):
+        assert line.startswith(f"srun on {host} -> server:") and "-m rntp serve --port 8100 --config configs/demo.yaml" in line
+        assert line.endswith("-- --tensor-parallel-size 8")  # one server per node over its 8 GPUs
+    assert len(trainers) == 2
+    for rank, (host, line) in enumerate(zip(["gpu-c", "gpu-d"], trainers)):
+        assert line.startswith(f"srun on {host} -> node {rank}:")
+        assert "--nnodes=2" in line and "--rdzv-endpoint=gpu-c:" in line  # training rendezvous off the servers
+        argv = shlex.split(line.split(": ", 1)[1])  # the dry run prints shell-quoted words
+        assert argv[-3:-1] == ["rollout.sampler=server", "rollout.server.urls=[http://gpu-a:8100,http://gpu-b:8100]"]
+
+
+def test_server_mode_needs_a_node_left_for_training():
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    done = subprocess.run(["bash", str(ROOT / "launch" / "multi_node.sbatch"), "--config", "configs/demo.yaml"],
+                          env={**full_env, "DRY_RUN": "1", "DRY_RUN_HOSTS": "gpu-a", "SERVER_NODES": "1"},
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "leaves no node of 1 for training" in done.stderr
