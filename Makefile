@@ -44,7 +44,7 @@ test-unit: install
 	$(BIN)/python -m pytest tests -m unit
 
 bench: prepare
-	$(BIN)/python -m rntp.bench --config configs/demo.yaml
+	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,7 +2,8 @@
 
 Prints tokens/s of sampling, scoring and update, the share of step time spent scoring, the
 sampler's throughput as a ratio of raw `LLM.generate` on the same requests, weight-push time
-and peak memory. Figures only: nothing here asserts a speed.
+and peak memory; with --server, what server mode costs against the in-process engine (sampling
+over HTTP, weights over the gloo transfer). Figures only: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--steps", type=int, default=5, help="training steps to time (the first is warm-up)")
     parser.add_argument("--sampler-repeats", type=int, default=4)
+    parser.add_argument("--server", action="store_true", help="also time server mode against a local `rntp serve`")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
 
@@ -47,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"scoring share of step time: {100 * med('time/score') / step:.1f}%  (aim < 15%)")
     print(f"peak memory: {max(r['memory/peak_gb'] for r in rows):.2f} GB")
     sampler_ratio(cfg, args.sampler_repeats)
+    if args.server:
+        server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
 
 
 def sampler_ratio(cfg, repeats: int) -> None:
@@ -90,6 +94,78 @@ def sampler_ratio(cfg, repeats: int) -> None:
     print(f"sampler: {tokens / statistics.median(ours):.1f} tok/s ours vs {tokens / statistics.median(raw):.1f} tok/s "
           f"raw LLM.generate -> ratio {statistics.median(raw) / statistics.median(ours):.3f}  (aim > 0.85)")
     sampler.close()
+
+
+def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
+    """Server mode vs the in-process engine, same model, same requests: sampling throughput ratio
+    and the time to push the full weights (gloo transfer vs in-process reload)."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rntp.config import load_config
+    from rntp.data import PositionStream
+    from rntp.prepare import resolve_model_path
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout.base import WeightStream
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
+                               *(["--config", config] if config else []), *overrides,
+                               "rollout.server.weight_transfer=gloo"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.perf_counter()
+        server_cfg = load_config(None, ["rollout.sampler=server", f"rollout.server.urls=[{url}]",
+                                        "rollout.server.weight_transfer=gloo"]).rollout.server
+        path = resolve_model_path(cfg.model.name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+        remote = make_sampler("server", path, tags, server_cfg=server_cfg)  # waits for the server
+        started = time.perf_counter() - t0
+        local = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
+                             cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
+        prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)]
+        spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
+                            cfg.rollout.top_p, seed=1)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        named = list(model.named_parameters(remove_duplicate=False))
+        weights = WeightStream(lambda: iter([[(n, p.detach()) for n, p in named]]),
+                               [(n, p.dtype, tuple(p.shape)) for n, p in named])
+        remote.push_weights(weights)  # the first push also opens the transfer group
+        times = {"remote": [], "local": [], "push_remote": [], "push_local": []}
+        tokens = 0
+        for i in range(repeats):
+            for name, sampler in ((("remote", remote), ("local", local)) if i % 2 == 0 else
+                                  (("local", local), ("remote", remote))):
+                t = time.perf_counter()
+                rollouts = sampler.sample(prompts, spec)
+                times[name].append(time.perf_counter() - t)
+                tokens = sum(r.n_sampled for r in rollouts)
+                t = time.perf_counter()
+                sampler.push_weights(weights)  # also resets the prefix cache: every round starts cold
+                times[f"push_{name}"].append(time.perf_counter() - t)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        size_mb = sum(p.numel() * p.element_size() for _, p in named) / 2**20
+        print(f"\n== server mode (local `rntp serve`, gloo weight transfer; up in {started:.0f} s) ==")
+        print(f"sampling: {tokens / med['remote']:.1f} tok/s over HTTP vs {tokens / med['local']:.1f} tok/s in-process "
+              f"-> ratio {med['local'] / med['remote']:.3f}")
+        print(f"weight push ({size_mb:.0f} MB): {med['push_remote']:.2f} s to the server vs "
+              f"{med['push_local']:.2f} s in-process ({size_mb / med['push_remote']:.0f} MB/s over gloo)")
+        remote.close()
+        local.close()
+    finally:
+        server.terminate()
+        try:
+            server.wait(60)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":
