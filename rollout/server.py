@@ -23,6 +23,8 @@ from urllib.parse import urlparse
 
 import requests
 import torch
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
 
 from rollout.base import SamplingSpec, WeightStream
 from rollout.spans import Rollout, ThinkTags
@@ -95,6 +97,12 @@ class ServerSampler:
         self.urls = [url.rstrip("/") for url in cfg.urls]
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.http = requests.Session()
+        # Sampling requests are safe to repeat, so a dropped connection or a busy server (502-504) is
+        # retried with backoff; the weight-transfer routes are not (a repeat would desync the group).
+        retry = Retry(total=4, backoff_factor=1.0, status_forcelist=[502, 503, 504], allowed_methods=["GET", "POST"],
+                      raise_on_status=False)
+        for url in self.urls:
+            self.http.mount(f"{url}/v1/", HTTPAdapter(max_retries=retry))
         self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrent_requests)
         self.model = [self._wait_for(url) for url in self.urls][0]
         self.transfer = None  # vLLM's trainer-side engine, made at the first push
@@ -105,7 +113,7 @@ class ServerSampler:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
             try:
-                models = self.http.get(f"{url}/v1/models", timeout=10)
+                models = requests.get(f"{url}/v1/models", timeout=10)  # no retries: this loop is the retry
                 models.raise_for_status()
                 return models.json()["data"][0]["id"]
             except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as e:
