@@ -113,7 +113,6 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
 SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time, memory and sync take the max
 
 
-@torch.no_grad()
 def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
     """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
     return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
@@ -129,6 +128,7 @@ def follow(ema, weight: float, bucket: list[tuple[str, torch.Tensor]]) -> None:
             params[name].lerp_(tensor.to(params[name].device), weight)
 
 
+@torch.no_grad()
 def sampler_sync_error(sampler, engine: Engine, rollout, target: list[int]) -> float:
     """Max |log p| difference between the sampler and the trainer on one rollout's full sequence."""
     seq = rollout.prompt_ids + rollout.thought_ids + target
