@@ -191,7 +191,7 @@ class Engine:
         shape is global)."""
         metadata = [(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
                     for name, p in self.raw.named_parameters(remove_duplicate=False)]
-        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata)
+        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata, bucket_mb)
 
     def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded. Every

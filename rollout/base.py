@@ -34,6 +34,7 @@ class WeightStream:
 
     buckets: Callable[[], Iterator[Bucket]]
     metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]
+    bucket_mb: float = 256  # about how large `buckets` makes them; a transport that re-packs follows it
 
     def __iter__(self) -> Iterator[Bucket]:
         return self.buckets()
@@ -48,7 +49,7 @@ class WeightStream:
             for bucket in self.buckets():
                 fn(bucket)
                 yield bucket
-        return WeightStream(buckets, self.metadata)
+        return WeightStream(buckets, self.metadata, self.bucket_mb)
 
 
 class Sampler(Protocol):

@@ -122,9 +122,9 @@ class ServerSampler:
                                       f"({e}); start one with `rntp serve`") from None
                 time.sleep(2)
 
-    def _post(self, url: str, path: str, payload: dict | None = None) -> dict:
-        response = self.http.post(f"{url}{path}", json=payload, timeout=self.cfg.timeout_s)
-        if response.status_code == 404 and path != "/v1/completions":
+    def _call(self, method: str, url: str, path: str, payload: dict | None = None) -> dict:
+        response = self.http.request(method, f"{url}{path}", json=payload, timeout=self.cfg.timeout_s)
+        if response.status_code == 404 and not path.startswith("/v1/"):
             raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
                               "(`rntp serve` does) so vLLM exposes its RL and cache routes")
         if not response.ok:
@@ -134,7 +134,7 @@ class ServerSampler:
     def _complete(self, payloads: list[dict]) -> list[dict]:
         """One completion request per payload, spread over the servers (offset by rank so that
         ranks with few prompts do not all pick the first server)."""
-        jobs = [self.pool.submit(self._post, self.urls[(self.rank + i) % len(self.urls)], "/v1/completions",
+        jobs = [self.pool.submit(self._call, "POST", self.urls[(self.rank + i) % len(self.urls)], "/v1/completions",
                                  {"model": self.model, "return_token_ids": True, **p})
                 for i, p in enumerate(payloads)]
         return [job.result() for job in jobs]
@@ -172,7 +172,7 @@ class ServerSampler:
         from rollout import weight_transfer
 
         weight_transfer.register()
-        workers = [self._get(url, "/get_world_size")["world_size"] for url in self.urls]
+        workers = [self._call("GET", url, "/get_world_size")["world_size"] for url in self.urls]
         local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in self.urls)
         address = self.cfg.transfer_address or ("127.0.0.1" if local else socket.gethostbyname(socket.gethostname()))
         common = dict(master_address=address, world_size=1 + sum(workers), rank=self.rank)
@@ -182,18 +182,10 @@ class ServerSampler:
             info = NCCLTrainerInitInfo(**common, master_port=self.cfg.transfer_port or free_port())
         else:
             info = weight_transfer.GlooTrainerInitInfo(**common, master_port=self.cfg.transfer_port,
-                                                       timeout_s=self.cfg.timeout_s)
+                                                       bucket_mb=weights.bucket_mb, timeout_s=self.cfg.timeout_s)
         log.info("weight transfer (%s) to %d server worker(s) via %s", info.backend, sum(workers), address)
         return WeightTransferTrainerFactory.trainer_init(info, client=ServerGroup(self.urls, workers, self.cfg.timeout_s),
                                                          source=_weight_source(weights))
-
-    def _get(self, url: str, path: str) -> dict:
-        response = self.http.get(f"{url}{path}", timeout=self.cfg.timeout_s)
-        if response.status_code == 404:
-            raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
-                              "(`rntp serve` does) so vLLM exposes its RL routes")
-        response.raise_for_status()
-        return response.json()
 
     def push_weights(self, weights: WeightStream) -> None:
         import torch.distributed as dist
@@ -204,7 +196,7 @@ class ServerSampler:
         self.transfer.send_weights()
         if self.rank == 0:
             for url in self.urls:  # cached prefixes hold keys/values of the old weights
-                self._post(url, "/reset_prefix_cache")
+                self._call("POST", url, "/reset_prefix_cache")
         if dist.is_initialized():
             dist.barrier()  # no rank samples before the servers hold the new weights
 

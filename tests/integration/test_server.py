@@ -72,12 +72,11 @@ def server_sampler(url, tokenizer, **server):
     return make_sampler("server", "", ThinkTags(tokenizer), server_cfg=cfg.rollout.server)
 
 
-def stream_of(model, per_bucket=5) -> WeightStream:
-    """The model's weights in small buckets (several broadcasts), tied names included."""
+def stream_of(model, bucket_mb=1.0) -> WeightStream:
+    """The model's weights, tied names included, in buckets of about 1 MB: several broadcasts."""
     named = list(model.named_parameters(remove_duplicate=False))
-    return WeightStream(lambda: ([(n, p.detach()) for n, p in named[i : i + per_bucket]]
-                                 for i in range(0, len(named), per_bucket)),
-                        [(n, p.dtype, tuple(p.shape)) for n, p in named])
+    return WeightStream(lambda: iter([[(n, p.detach()) for n, p in named]]),
+                        [(n, p.dtype, tuple(p.shape)) for n, p in named], bucket_mb)
 
 
 def prompts_of(tokenizer, tags):
