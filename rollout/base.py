@@ -23,6 +23,15 @@ class SamplingSpec:
     seed: int = 0  # with the same weights and seed, a sampler returns the same thoughts
 
 
+def thought_request(spec: SamplingSpec, index: int, close_tag: str) -> dict:
+    """vLLM's sampling fields for the `index`-th prompt of a call, the same in-process and over HTTP.
+    One seed per request: vLLM seeds each request's generator, so equal seeds on equal prompts would
+    give equal thoughts. A thought ends at the close tag or the budget, never at EOS."""
+    return dict(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
+                seed=spec.seed * 1_000_003 + index, stop=[close_tag], include_stop_str_in_output=True,
+                ignore_eos=True)
+
+
 Bucket = list[tuple[str, torch.Tensor]]
 
 
@@ -71,6 +80,17 @@ def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def engine_dtype(model_dtype: str, vllm_cfg) -> str:
+    """A vLLM engine's dtype, in-process or served: `rollout.vllm.dtype`, or the trainer's for auto."""
+    choice = getattr(vllm_cfg, "dtype", "auto")
+    return model_dtype if choice == "auto" else choice
+
+
+def cpu_kv_cache_space(vllm_cfg) -> str:
+    """VLLM_CPU_KVCACHE_SPACE (whole GiB, at least 1) for `rollout.vllm.kv_cache_gb`."""
+    return str(max(1, round(getattr(vllm_cfg, "kv_cache_gb", 2))))
+
+
 def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dtype: str = "float32",
                  seed: int = 0, max_model_len: int = 2048, vllm_cfg=None, server_cfg=None) -> Sampler:
     """kind: "vllm", "hf", "server" or "auto" (vLLM where installed, else transformers)."""
@@ -80,7 +100,8 @@ def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dt
     if kind == "vllm":
         from rollout.vllm_sampler import VLLMSampler
 
-        return VLLMSampler(model_path, tags, dtype=dtype, seed=seed, max_model_len=max_model_len, cfg=vllm_cfg)
+        return VLLMSampler(model_path, tags, dtype=engine_dtype(dtype, vllm_cfg), seed=seed,
+                           max_model_len=max_model_len, cfg=vllm_cfg)
     if kind == "hf":
         from rollout.hf_sampler import HFSampler
 

@@ -26,7 +26,7 @@ import torch
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from rollout.base import SamplingSpec, WeightStream
+from rollout.base import SamplingSpec, WeightStream, cpu_kv_cache_space, engine_dtype, thought_request
 from rollout.spans import Rollout, ThinkTags
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,14 @@ def _weight_source(weights: WeightStream):
             return weights.tensors()
 
     return StreamSource()
+
+
+def transfer_backend(choice: str) -> str:
+    """`rollout.server.weight_transfer` resolved: auto is nccl where CUDA is available, else gloo.
+    The trainer and `rntp serve` resolve it alike, so both ends pick the same backend."""
+    if choice == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return choice
 
 
 def free_port() -> int:
@@ -141,11 +149,7 @@ class ServerSampler:
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
-        # The same requests as the in-process sampler: a seed per prompt, ends at the close tag.
-        payloads = [dict(prompt=p, n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature,
-                         top_p=spec.top_p, seed=spec.seed * 1_000_003 + i, stop=[self.tags.close_tag],
-                         include_stop_str_in_output=True, ignore_eos=True)
-                    for i, p in enumerate(prompts)]
+        payloads = [dict(prompt=p, **thought_request(spec, i, self.tags.close_tag)) for i, p in enumerate(prompts)]
         rollouts = []
         for group, answer in enumerate(self._complete(payloads)):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
@@ -162,10 +166,6 @@ class ServerSampler:
         return rows
 
     # -- weights -------------------------------------------------------------------------------------
-    def _backend(self) -> str:
-        choice = self.cfg.weight_transfer
-        return ("nccl" if torch.cuda.is_available() else "gloo") if choice == "auto" else choice
-
     def _connect(self, weights: WeightStream):
         from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
@@ -176,7 +176,7 @@ class ServerSampler:
         local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in self.urls)
         address = self.cfg.transfer_address or ("127.0.0.1" if local else socket.gethostbyname(socket.gethostname()))
         common = dict(master_address=address, world_size=1 + sum(workers), rank=self.rank)
-        if self._backend() == "nccl":
+        if transfer_backend(self.cfg.weight_transfer) == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
 
             info = NCCLTrainerInitInfo(**common, master_port=self.cfg.transfer_port or free_port())
@@ -224,19 +224,16 @@ def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: 
     import os
     import sys
 
-    backend = cfg.rollout.server.weight_transfer
-    if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
     vllm = cfg.rollout.vllm
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-            "--host", host, "--port", str(port), "--dtype", cfg.model.dtype if vllm.dtype == "auto" else vllm.dtype,
+            "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
             "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed),
-            "--weight-transfer-config", json.dumps({"backend": backend})]
+            "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
     if vllm.enforce_eager:
         argv.append("--enforce-eager")
     env = {"VLLM_SERVER_DEV_MODE": "1"}
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
     else:
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(vllm.kv_cache_gb)))
+        env["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(vllm)
     return argv + vllm_args, {**os.environ, **env}

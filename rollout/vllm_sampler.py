@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from rollout.base import SamplingSpec
+from rollout.base import SamplingSpec, cpu_kv_cache_space, thought_request
 from rollout.spans import Rollout, ThinkTags
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,7 @@ class VLLMSampler:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(getattr(cfg, "kv_cache_gb", 2)))))
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", cpu_kv_cache_space(cfg))
         from vllm import LLM
 
         import torch.distributed as dist
@@ -50,8 +50,6 @@ class VLLMSampler:
                 raise ValueError(f"rollout.vllm.sleep_level={self.sleep_level}: vLLM has no sleep mode on "
                                  f"{current_platform.device_name}; set it to 0")
         executor = "external_launcher" if world > 1 else ("mp" if self.tp > 1 else "uni")
-        if getattr(cfg, "dtype", "auto") != "auto":
-            dtype = cfg.dtype
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=getattr(cfg, "enforce_eager", True), tensor_parallel_size=self.tp,
                       enable_sleep_mode=self.sleep_level > 0,
@@ -104,14 +102,8 @@ class VLLMSampler:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        # One seed per request: vLLM seeds each request's generator, so equal seeds on equal
-        # prompts would give equal thoughts.
-        params = [
-            SamplingParams(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                           seed=spec.seed * 1_000_003 + i, stop=[self.tags.close_tag],
-                           include_stop_str_in_output=True, ignore_eos=True, detokenize=True)
-            for i in range(len(prompts))
-        ]
+        params = [SamplingParams(**thought_request(spec, i, self.tags.close_tag), detokenize=True)
+                  for i in range(len(prompts))]
         return [TokensPrompt(prompt_token_ids=p) for p in prompts], params
 
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
