@@ -99,7 +99,6 @@ def sampler_ratio(cfg, repeats: int) -> None:
 def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
     """Server mode vs the in-process engine, same model, same requests: sampling throughput ratio
     and the time to push the full weights (gloo transfer vs in-process reload)."""
-    import socket
     import subprocess
     import sys
 
@@ -111,10 +110,9 @@ def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
     from rntp.prepare import resolve_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
     from rollout.base import WeightStream
+    from rollout.server import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
                                *(["--config", config] if config else []), *overrides,
@@ -135,9 +133,7 @@ def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
         spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
                             cfg.rollout.top_p, seed=1)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        named = list(model.named_parameters(remove_duplicate=False))
-        weights = WeightStream(lambda: iter([[(n, p.detach()) for n, p in named]]),
-                               [(n, p.dtype, tuple(p.shape)) for n, p in named])
+        weights = WeightStream.of_module(model)
         remote.push_weights(weights)  # the first push also opens the transfer group
         times = {"remote": [], "local": [], "push_remote": [], "push_local": []}
         tokens = 0
@@ -152,7 +148,7 @@ def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
                 sampler.push_weights(weights)  # also resets the prefix cache: every round starts cold
                 times[f"push_{name}"].append(time.perf_counter() - t)
         med = {k: statistics.median(v) for k, v in times.items()}
-        size_mb = sum(p.numel() * p.element_size() for _, p in named) / 2**20
+        size_mb = sum(p.numel() * p.element_size() for _, p in weights.tensors()) / 2**20
         print(f"\n== server mode (local `rntp serve`, gloo weight transfer; up in {started:.0f} s) ==")
         print(f"sampling: {tokens / med['remote']:.1f} tok/s over HTTP vs {tokens / med['local']:.1f} tok/s in-process "
               f"-> ratio {med['local'] / med['remote']:.3f}")

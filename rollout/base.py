@@ -45,6 +45,14 @@ class WeightStream:
     metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]
     bucket_mb: float = 256  # about how large `buckets` makes them; a transport that re-packs follows it
 
+    @classmethod
+    def of_module(cls, model: torch.nn.Module, bucket_mb: float = 256) -> "WeightStream":
+        """An unsharded model's weights, tied names included, as one bucket (a transport that
+        re-packs cuts it at `bucket_mb`)."""
+        named = list(model.named_parameters(remove_duplicate=False))
+        return cls(lambda: iter([[(n, p.detach()) for n, p in named]]),
+                   [(n, p.dtype, tuple(p.shape)) for n, p in named], bucket_mb)
+
     def __iter__(self) -> Iterator[Bucket]:
         return self.buckets()
 

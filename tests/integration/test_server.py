@@ -2,7 +2,6 @@
 vLLM's weight-transfer API with the gloo backend, and two trainer ranks training against it."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,18 +15,13 @@ from rewards.scoring import token_logprobs
 from rntp.config import load_config
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.base import WeightStream, vllm_available
+from rollout.server import free_port
 from tests.integration.test_distributed import ROOT, rows, torchrun, train_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 SERVE = ["data.chunk_tokens=64", "rollout.max_thought_tokens=6", "rollout.vllm.kv_cache_gb=1",
          "rollout.server.weight_transfer=gloo"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir, log_path, *overrides, env=None):
@@ -72,11 +66,9 @@ def server_sampler(url, tokenizer, **server):
     return make_sampler("server", "", ThinkTags(tokenizer), server_cfg=cfg.rollout.server)
 
 
-def stream_of(model, bucket_mb=1.0) -> WeightStream:
-    """The model's weights, tied names included, in buckets of about 1 MB: several broadcasts."""
-    named = list(model.named_parameters(remove_duplicate=False))
-    return WeightStream(lambda: iter([[(n, p.detach()) for n, p in named]]),
-                        [(n, p.dtype, tuple(p.shape)) for n, p in named], bucket_mb)
+def stream_of(model) -> WeightStream:
+    """The model's weights, tied names included, cut into buckets of about 1 MB: several broadcasts."""
+    return WeightStream.of_module(model, bucket_mb=1.0)
 
 
 def prompts_of(tokenizer, tags):

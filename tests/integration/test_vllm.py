@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from rewards.scoring import token_logprobs
 from rollout import SamplingSpec, ThinkTags, make_sampler
-from rollout.base import vllm_available
+from rollout.base import WeightStream, vllm_available
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
@@ -60,7 +60,7 @@ def test_weight_push_makes_vllm_match_the_trainer(vllm_sampler, tiny_model_dir, 
     ids = torch.tensor([seqs[0]])
     (-token_logprobs(policy, ids, torch.ones_like(ids)).sum()).backward()  # one real training step
     optimizer.step()
-    vllm_sampler.push_weights([list(policy.state_dict().items())])  # one bucket
+    vllm_sampler.push_weights(WeightStream.of_module(policy))
     after = vllm_sampler.prompt_logprobs(seqs)
     policy.eval()
     for seq, b, a in zip(seqs, before, after):
