@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from rollout.base import WeightStream
+from rollout.server import free_port
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class Engine:
                 os.environ.setdefault("LOCAL_RANK", "0")
                 os.environ.setdefault("WORLD_SIZE", "1")
                 os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+                os.environ.setdefault("MASTER_PORT", str(free_port()))
             deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
             ds_config = deepspeed_config(cfg, info.world_size, micro_steps)
             self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -267,14 +268,6 @@ class Engine:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:
