@@ -37,15 +37,33 @@ class DistInfo:
         return self.rank == 0
 
 
+def process_group_backend(device_type: str) -> str:
+    """The backend of the default group. On GPUs it serves both devices: NCCL for CUDA tensors
+    (gradients, gathered weights) and gloo for the CPU tensors and pickled objects that metrics,
+    stop requests and checkpoints exchange; NCCL alone cannot reduce a CPU tensor."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def init_process_group(device: torch.device) -> None:
+    """Create the default group once (torchrun's environment, or a world of one for DeepSpeed,
+    which needs a group even then and would otherwise make an NCCL-only one itself)."""
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    dist.init_process_group(process_group_backend(device.type))
+
+
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group (NCCL on GPUs, gloo on CPU); a world of one otherwise."""
+    """Join the torchrun process group (see `process_group_backend`); a world of one otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if torch.cuda.is_available():
         torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if world > 1:
+        init_process_group(device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank, world, local_rank, device)
 
@@ -117,12 +135,7 @@ class Engine:
         if self.backend == "deepspeed":
             import deepspeed
 
-            if not dist.is_initialized():  # a world of one still needs DeepSpeed's process group
-                os.environ.setdefault("RANK", "0")
-                os.environ.setdefault("LOCAL_RANK", "0")
-                os.environ.setdefault("WORLD_SIZE", "1")
-                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-                os.environ.setdefault("MASTER_PORT", str(free_port()))
+            init_process_group(info.device)  # DeepSpeed then adopts it rather than making its own
             deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
             ds_config = deepspeed_config(cfg, info.world_size, micro_steps)
             self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -292,6 +305,9 @@ def deepspeed_config(cfg, world_size: int, micro_steps: int) -> dict:
     ds["train_batch_size"] = cfg.train.micro_batch * micro_steps * world_size
     ds["gradient_clipping"] = cfg.optim.grad_clip
     ds.setdefault("zero_optimization", {})["stage"] = cfg.dist.zero_stage
-    ds["bf16"] = {"enabled": cfg.model.autocast_bf16 or cfg.model.dtype == "bfloat16"}
+    bf16 = cfg.model.autocast_bf16 or cfg.model.dtype == "bfloat16"
+    ds["bf16"] = {"enabled": bf16}
+    if bf16:  # summing many micro-batches' gradients in bf16 loses their low bits
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = "fp32"
     ds.setdefault("steps_per_print", 10**9)
     return ds

@@ -1,0 +1,63 @@
+"""What the GPU path asks of torch and DeepSpeed, checked on CPU where the call itself can be seen:
+the process group's backend map, DeepSpeed's dtypes, and what each rank's collectives carry."""
+
+import pytest
+import torch
+
+from rntp import distributed
+from rntp.config import load_config
+
+pytestmark = pytest.mark.unit
+
+
+def backend_map(backend: str) -> dict[str, str]:
+    """torch's "cpu:gloo,cuda:nccl" form (or one name for every device) as {device: backend}."""
+    if ":" not in backend:
+        return {"cpu": backend, "cuda": backend}
+    return dict(pair.split(":") for pair in backend.split(","))
+
+
+@pytest.mark.parametrize("world", ["1", "4"])
+def test_a_cuda_process_group_serves_cpu_tensors_too(world, monkeypatch):
+    """Metrics, stop requests and checkpoint state are reduced as CPU tensors and pickled objects:
+    on GPUs the default group must map the CPU to gloo, since NCCL alone cannot reduce them."""
+    created = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(created))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: created.append(backend))
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    for key, value in {"WORLD_SIZE": world, "LOCAL_RANK": "0", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "29400"}.items():
+        monkeypatch.setenv(key, value)
+    info = distributed.init_distributed()
+    distributed.init_process_group(info.device)  # what the DeepSpeed engine asks for, even in a world of one
+    assert len(created) == 1
+    devices = backend_map(created[0])
+    assert devices["cuda"] == "nccl"
+    assert devices["cpu"] == "gloo"
+
+
+def test_every_tensor_the_helpers_reduce_meets_a_backend_for_its_device():
+    """The helpers' own tensors live on the CPU; the GPU group's map must cover that device."""
+    devices = backend_map(distributed.process_group_backend("cuda"))
+    seen = []
+    real = torch.distributed.all_reduce
+    try:
+        torch.distributed.all_reduce = lambda t, *a, **k: seen.append(t.device.type)
+        distributed.dist.is_initialized = lambda: True
+        distributed.all_reduce_sum([1.0, 2.0])
+    finally:
+        torch.distributed.all_reduce = real
+        distributed.dist.is_initialized = torch.distributed.is_initialized
+    supports = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}}
+    assert seen and all(device in supports[devices[device]] for device in seen)
+
+
+def test_deepspeed_accumulates_bf16_gradients_in_fp32():
+    cfg = load_config(None, ["model.autocast_bf16=true", "dist.backend=deepspeed", "dist.zero_stage=2"])
+    ds = distributed.deepspeed_config(cfg, world_size=8, micro_steps=4)
+    assert ds["bf16"]["enabled"] is True
+    assert ds["data_types"]["grad_accum_dtype"] == "fp32"
+    fp32 = distributed.deepspeed_config(load_config(None, ["dist.backend=deepspeed"]), 8, 4)
+    assert fp32["bf16"]["enabled"] is False
