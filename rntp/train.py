@@ -119,13 +119,20 @@ def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
                                               cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)
 
 
+def make_ema(policy) -> torch.nn.Module:
+    """The EMA teacher: a frozen float32 copy of the policy. float32 whatever the policy's dtype,
+    since a step of 1 - decay (0.001) is below bfloat16's resolution and would never move it."""
+    return copy.deepcopy(policy).float().eval().requires_grad_(False)
+
+
 @torch.no_grad()
 def follow(ema, weight: float, bucket: list[tuple[str, torch.Tensor]]) -> None:
-    """Move the EMA teacher's parameters `weight` of the way towards the policy's."""
+    """Move the EMA teacher's parameters `weight` of the way towards the policy's (each bucket cast
+    to the teacher's float32: DeepSpeed's bf16 engine hands out bf16 weights)."""
     params = dict(ema.named_parameters())
     for name, tensor in bucket:
         if name in params:
-            params[name].lerp_(tensor.to(params[name].device), weight)
+            params[name].lerp_(tensor.to(params[name].device, params[name].dtype), weight)
 
 
 @torch.no_grad()
@@ -208,7 +215,7 @@ def train(cfg: Config) -> Path:
     # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
     needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
-    ema = copy.deepcopy(policy).eval().requires_grad_(False) if cfg.reward.baseline == "ema" else None
+    ema = make_ema(policy) if cfg.reward.baseline == "ema" else None
     baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     token_bytes = token_bytes_fn(tokenizer)

@@ -61,3 +61,24 @@ def test_deepspeed_accumulates_bf16_gradients_in_fp32():
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"
     fp32 = distributed.deepspeed_config(load_config(None, ["dist.backend=deepspeed"]), 8, 4)
     assert fp32["bf16"]["enabled"] is False
+
+
+def test_ema_teacher_follows_bf16_weights_in_fp32():
+    """RLP's EMA teacher (decay 0.999) under bf16 training: the buckets come in bf16 (DeepSpeed's
+    bf16 engine), and a 0.001 step must still move the teacher (it would not in bf16)."""
+    from rntp.train import follow, make_ema
+
+    torch.manual_seed(0)
+    policy = torch.nn.Linear(16, 16).to(torch.bfloat16)
+    ema = make_ema(policy)
+    assert all(p.dtype == torch.float32 for p in ema.parameters())
+    start = {n: p.double().clone() for n, p in ema.named_parameters()}
+    moved = {n: (p.double() + 0.5).to(torch.bfloat16) for n, p in policy.named_parameters()}
+    for _ in range(10):
+        follow(ema, 0.001, [(n, t) for n, t in moved.items()])
+    for name, p in ema.named_parameters():
+        expected = start[name].clone()
+        for _ in range(10):  # float64 reference: e <- e + w (target - e)
+            expected += 0.001 * (moved[name].double() - expected)
+        assert (p.double() - start[name]).abs().min() > 0.004  # each step moved every weight
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-6)
