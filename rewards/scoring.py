@@ -74,6 +74,38 @@ def token_logprobs(model, input_ids, attention_mask, *, tail: int | None = None,
     return (logp, logits) if with_logits else logp
 
 
+def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """log p of `ids` under the distribution the sampler draws from: logits divided by the
+    temperature, then restricted to the top-p nucleus (the most likely tokens, kept while the mass
+    above them is below `top_p`) and renormalised, as vLLM and transformers sample. A token outside
+    the nucleus has probability 0; its log-prob is floored at LOGP_FLOOR to keep ratios finite."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        probs, order = logits.float().softmax(-1).sort(-1, descending=True)
+        mass_above = probs.cumsum(-1) - probs
+        outside = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_above >= top_p)
+        logits = logits.masked_fill(outside, float("-inf"))
+        return selective_log_softmax(logits, ids).clamp(min=LOGP_FLOOR)
+    return selective_log_softmax(logits, ids)
+
+
+LOGP_FLOOR = -1e4
+
+
+def policy_logprobs(model, batch: "SequenceBatch", tail: int, *, temperature: float = 1.0,
+                    top_p: float = 1.0) -> torch.Tensor:
+    """[B, tail] log-probs for the update: thought tokens under the sampling distribution (so that
+    ratios compare like with like), every other token under the model itself (a target's score is
+    the model's own likelihood)."""
+    logp, logits = token_logprobs(model, batch.input_ids, batch.attention_mask, tail=tail, with_logits=True)
+    if temperature == 1.0 and top_p == 1.0:
+        return logp
+    sampled = sampling_logprobs(logits, batch.input_ids[:, -tail:], temperature, top_p)
+    return torch.where(batch.thought_mask[:, -tail:], sampled, logp)
+
+
 @dataclass
 class Scored:
     """Per-thought results of fused scoring (all on CPU, float32), aligned with `batch`."""
@@ -132,14 +164,15 @@ def position_entropies(model, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], pad_id: int,
-                 micro_batch: int, autocast: bool = False) -> Scored:
+                 micro_batch: int, autocast: bool = False, *, temperature: float = 1.0, top_p: float = 1.0) -> Scored:
     """Fused scoring of all thoughts, sharing each position's context.
 
     Per position, one forward over context + target gives the no-think target log-probs and
     the context's KV cache; the G continuations [OPEN][thought][CLOSE][target] then run on
     that cache, giving the old log-probs of the thought tokens and the target log-probs after
     the thought (the reward) in the same pass. The context is computed once, not G times.
-    `rollouts[i].group` indexes `contexts` and `targets`.
+    `rollouts[i].group` indexes `contexts` and `targets`. Thought log-probs (and their entropy) are
+    those of the sampling distribution (`temperature`, `top_p`); target log-probs are the model's.
     """
     horizon = len(targets[0])
     if any(len(t) != horizon for t in targets):
@@ -189,12 +222,13 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
             r = rollouts[i]
             first = len(r.prompt_ids) - len(contexts[r.group]) - 1  # predicts the first thought token
             span = slice(first, first + r.n_sampled)
-            thought_vals[i] = logp[j, span].cpu()
+            if r.n_sampled:
+                thought_vals[i] = sampling_logprobs(logits[j, span], cont_ids[j, 1:][span], temperature, top_p).cpu()
             t0 = first + len(r.thought_ids)
             target_lp[i] = logp[j, t0 : t0 + horizon].cpu()
             pred[i] = logits[j, t0 : t0 + horizon].argmax(-1).cpu()
             if r.n_sampled:
-                entropy[i] = entropy_from_logits(logits[j, span]).mean().cpu()
+                entropy[i] = entropy_from_logits(logits[j, span] / temperature).mean().cpu()
     thought_lp = torch.zeros(batch.thought_mask.shape)
     for i, vals in enumerate(thought_vals):
         thought_lp[i, batch.thought_mask[i]] = vals

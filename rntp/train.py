@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
                      reward_names, score_groups, token_logprobs)
+from rewards.scoring import policy_logprobs
 from rewards.functions import token_bytes_fn
 from rewards.scoring import SequenceBatch
 from rntp import grpo
@@ -81,8 +82,12 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
                 mb, adv = batch.rows(rows), advantages[rows]
             mb = mb.to(device)
             tail = mb.tail  # logits only where thoughts and targets are
+            sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast_bf16):
-                logp = token_logprobs(engine.model, mb.input_ids, mb.attention_mask, tail=tail).float()
+                logp = policy_logprobs(engine.model, mb, tail, **sampling).float()
+                if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
+                    with torch.no_grad():
+                        ref_logp = policy_logprobs(ref, mb, tail, **sampling).float()
             thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
             mask = thought_mask.float()
             tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows, -tail:].to(device), adv.to(device),
@@ -90,8 +95,6 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats[0] += loss.item()
             if ref is not None and g.kl_coef > 0:
-                with torch.no_grad():
-                    ref_logp = token_logprobs(ref, mb.input_ids, mb.attention_mask, tail=tail).float()
                 kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
                 loss = loss + g.kl_coef * kl
                 stats[2] += kl.item()
@@ -285,7 +288,8 @@ def train(cfg: Config) -> Path:
             engine.train(False)
             targets = [p.target for p in positions]
             scored = score_groups(engine.model, [p.context for p in positions], rollouts, targets, pad_id,
-                                  cfg.train.micro_batch, cfg.model.autocast_bf16)
+                                  cfg.train.micro_batch, cfg.model.autocast_bf16,
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
             no_think = scored.no_think_logprobs
             engine.train(True)
 

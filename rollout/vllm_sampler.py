@@ -25,23 +25,27 @@ log = logging.getLogger(__name__)
 class VLLMSampler:
     def __init__(self, model_path: str, tags: ThinkTags, *, dtype: str = "float32", seed: int = 0,
                  max_model_len: int = 2048, cfg=None):
-        on_gpu = torch.cuda.is_available()
-        if not on_gpu:
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", cpu_kv_cache_space(cfg))
-        from vllm import LLM
-
         import torch.distributed as dist
 
         self.tags = tags
         self.tp = getattr(cfg, "tensor_parallel_size", 1)
-        self.sleep_level = getattr(cfg, "sleep_level", 0)
         world = dist.get_world_size() if dist.is_initialized() else 1
-        if world > 1 and world % self.tp:
-            raise ValueError(f"rollout.vllm.tensor_parallel_size={self.tp} does not divide the {world} ranks")
         # Under torchrun every rank (or TP group of ranks, which pool their requests) runs an engine
         # inside the training world (vLLM's "external_launcher" colocation); a single process runs the
         # in-process "uni" executor, or lets vLLM start its own workers ("mp") for tp > 1.
+        executor = "external_launcher" if world > 1 else ("mp" if self.tp > 1 else "uni")
+        on_gpu = torch.cuda.is_available()
+        if executor != "mp":  # the engine core in this process: weights pass as tensors, not messages
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        if not on_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", cpu_kv_cache_space(cfg))
+        from vllm import LLM
+
+        # collective_rpc then calls this process's own worker, which can pull a generator
+        self.in_process = executor != "mp" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        self.sleep_level = getattr(cfg, "sleep_level", 0)
+        if world > 1 and world % self.tp:
+            raise ValueError(f"rollout.vllm.tensor_parallel_size={self.tp} does not divide the {world} ranks")
         self.pool_requests = world > 1 and self.tp > 1
         if self.sleep_level:
             from vllm.platforms import current_platform
@@ -49,9 +53,11 @@ class VLLMSampler:
             if not current_platform.is_sleep_mode_available():
                 raise ValueError(f"rollout.vllm.sleep_level={self.sleep_level}: vLLM has no sleep mode on "
                                  f"{current_platform.device_name}; set it to 0")
-        executor = "external_launcher" if world > 1 else ("mp" if self.tp > 1 else "uni")
+        # processed_logprobs: a sample's log-probs are those it was drawn from (after temperature and
+        # top-p), comparable with the trainer's `sampling_logprobs`.
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
                       enforce_eager=getattr(cfg, "enforce_eager", True), tensor_parallel_size=self.tp,
+                      logprobs_mode="processed_logprobs",
                       enable_sleep_mode=self.sleep_level > 0,
                       distributed_executor_backend=executor)
         if on_gpu:
@@ -88,6 +94,7 @@ class VLLMSampler:
 
     def wake_up(self) -> None:
         if self.asleep:
+            self._free_cache()
             self.llm.wake_up()
             self.asleep = False
 
@@ -117,15 +124,28 @@ class VLLMSampler:
         return rollouts
 
     def push_weights(self, weights: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
+        """All buckets in one `reload_weights` call. Each call is a whole reload cycle (vLLM readies
+        every layer, loads, then finalises every layer), so a bucket that ended between q_proj and
+        k_proj, or gate and up, would leave the fused qkv/gate_up layer partly unloaded."""
         if self.asleep:  # weights first, so the KV cache is not allocated while they load
+            self._free_cache()
             self.llm.wake_up(tags=["weights"])
-        for bucket in weights:
-            # Every rank of a TP group passes the full tensors; each keeps its own shard.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": [(n, t.detach()) for n, t in bucket]})
+        # Every rank of a TP group passes the full tensors; each keeps its own shard.
+        tensors = ((n, t.detach()) for bucket in weights for n, t in bucket)
+        if self.in_process:  # the engine pulls bucket after bucket (gathered on demand) as it loads
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": tensors})
+        else:  # worker processes need the tensors themselves, not a generator
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(tensors)})
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()
+
+    @staticmethod
+    def _free_cache() -> None:
+        """Hand the trainer's cached but unused accelerator blocks back before vLLM allocates again."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float | None]]:
         """log p(token_t | tokens_<t) for every token of each sequence, as vLLM computes it."""

@@ -72,3 +72,47 @@ def test_next_token_entropy_against_softmax_by_hand(model):
         with torch.no_grad():
             p = torch.softmax(model(input_ids=torch.tensor([ctx])).logits[0, -1].double(), -1)
         assert float(row) == pytest.approx(float(-(p * p.log()).sum()), abs=1e-4)
+
+
+def nucleus_logprob(logits_row, token, temperature, top_p):
+    """float64, by hand: tokens in order of probability, kept while the mass before them is < top_p."""
+    probs = torch.softmax(logits_row.double() / temperature, -1).tolist()
+    order = sorted(range(len(probs)), key=lambda i: -probs[i])
+    kept, above = set(), 0.0
+    for i in order:
+        if above >= top_p:
+            break
+        kept.add(i)
+        above += probs[i]
+    if token not in kept:
+        return float("-inf")
+    return float(torch.log(torch.tensor(probs[token], dtype=torch.float64) / sum(probs[i] for i in kept)))
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (1.5, 0.9), (0.5, 0.5)])
+def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, model):
+    """Scoring (old log-probs) and the update's forward (new log-probs) give thought tokens the
+    log-probs of the distribution sampled from, the same in both, and target tokens the model's own."""
+    from rewards.scoring import LOGP_FLOOR, build_batch, policy_logprobs
+
+    contexts, rollouts, targets = make_groups()
+    scored = score_groups(model, contexts, rollouts, targets, 0, 16, temperature=temperature, top_p=top_p)
+    plain = score_groups(model, contexts, rollouts, targets, 0, 16)
+    torch.testing.assert_close(scored.target_logprobs, plain.target_logprobs)  # the reward is untouched
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.thought_ids + targets[r.group]
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq])).logits[0]
+        first = len(r.prompt_ids)
+        expected = [max(nucleus_logprob(logits[t - 1], seq[t], temperature, top_p), LOGP_FLOOR)
+                    for t in range(first, first + r.n_sampled)]
+        got = scored.thought_logprobs[i][scored.batch.thought_mask[i]].double()
+        torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-4)
+    batch = build_batch(rollouts, [targets[r.group] for r in rollouts], 0)
+    with torch.no_grad():
+        new = policy_logprobs(model, batch, batch.tail, temperature=temperature, top_p=top_p)
+    tail = batch.tail
+    thought = batch.thought_mask[:, -tail:]
+    torch.testing.assert_close(new[thought], scored.thought_logprobs[:, -tail:][thought], rtol=0, atol=2e-4)
+    target = batch.target_mask[:, -tail:]
+    torch.testing.assert_close(new[target].view(len(rollouts), -1), plain.target_logprobs, rtol=0, atol=2e-4)

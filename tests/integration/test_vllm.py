@@ -110,3 +110,70 @@ def test_sleep_where_vllm_has_no_sleep_mode_is_a_clear_error(tiny_model_dir, tok
     cfg = load_config(None, ["rollout.vllm.sleep_level=1"])
     with pytest.raises(ValueError, match="no sleep mode"):
         make_sampler("vllm", str(tiny_model_dir), ThinkTags(tokenizer), vllm_cfg=cfg.rollout.vllm)
+
+
+def trained_copy(model_dir, tokenizer):
+    """The tiny model after one real optimizer step (so every weight differs from the engine's)."""
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    ids = torch.tensor([tokenizer.encode("Each module returns a list of names.", add_special_tokens=False)])
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    (-token_logprobs(policy, ids, torch.ones_like(ids)).sum()).backward()
+    optimizer.step()
+    return policy.eval()
+
+
+def test_a_push_in_buckets_that_cut_fused_layers_loads_every_weight(vllm_sampler, tiny_model_dir, tokenizer):
+    """One parameter per bucket: buckets end between q_proj and k_proj and between gate_proj and
+    up_proj, which vLLM fuses (qkv_proj, gate_up_proj)."""
+    policy = trained_copy(tiny_model_dir, tokenizer)
+    named = list(policy.named_parameters(remove_duplicate=False))
+    assert any(n.endswith("q_proj.weight") for n, _ in named) and any(n.endswith("gate_proj.weight") for n, _ in named)
+    stream = WeightStream(lambda: iter([[(n, p.detach())] for n, p in named]),
+                          [(n, p.dtype, tuple(p.shape)) for n, p in named], bucket_mb=0.001)
+    vllm_sampler.push_weights(stream)
+    seq = tokenizer.encode("The default argument is the first value.", add_special_tokens=False)
+    served = torch.tensor(vllm_sampler.prompt_logprobs([seq])[0][1:])
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        trainer = token_logprobs(policy, ids, torch.ones_like(ids))[0]
+    assert (served - trainer).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("temperature, top_p", [(0.7, 1.0), (0.7, 0.8), (1.3, 0.9)])
+def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p, vllm_sampler, tiny_model_dir,
+                                                              tokenizer):
+    """The old log-probs of the ratio must be the sampling distribution's: vLLM's processed log-probs
+    (after temperature and top-p) of the tokens it drew equal the trainer's scoring of them."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from rewards.scoring import score_groups
+    from rollout.base import thought_request
+    from rollout.spans import pad_id_of
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    vllm_sampler.push_weights(WeightStream.of_module(policy))  # earlier tests pushed other weights
+    tags = vllm_sampler.tags
+    contexts = [tokenizer.encode(t, add_special_tokens=False) for t in
+                ("The value returned by the function is", "Each line of the file")]
+    spec = SamplingSpec(n=3, max_tokens=6, temperature=temperature, top_p=top_p, seed=5)
+    params = [SamplingParams(**thought_request(spec, i, tags.close_tag), logprobs=0) for i in range(2)]
+    outputs = vllm_sampler.llm.generate([TokensPrompt(prompt_token_ids=tags.prompt(c)) for c in contexts], params,
+                                        use_tqdm=False)
+    rollouts, sampled = [], []
+    for group, out in enumerate(outputs):
+        for c in sorted(out.outputs, key=lambda c: c.index):
+            rollouts.append(tags.finish(group, tags.prompt(contexts[group]), list(c.token_ids)))
+            sampled.append([entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)])
+    targets = [[284, 262, 1171, 13]] * 2
+    scored = score_groups(policy, contexts, rollouts, targets, pad_id_of(tokenizer), 8,
+                          temperature=temperature, top_p=top_p)
+    plain = score_groups(policy, contexts, rollouts, targets, pad_id_of(tokenizer), 8)
+    worst = differs = 0.0
+    for i, r in enumerate(rollouts):
+        ours = scored.thought_logprobs[i][scored.batch.thought_mask[i]]
+        theirs = torch.tensor(sampled[i][: r.n_sampled])
+        worst = max(worst, (ours - theirs).abs().max().item())
+        differs = max(differs, (plain.thought_logprobs[i][plain.batch.thought_mask[i]] - theirs).abs().max().item())
+    assert worst < 1e-4
+    assert differs > 1e-2  # log-probs at temperature 1 are not what was sampled from
