@@ -118,9 +118,8 @@ class Engine:
     def __init__(self, model, cfg, info: DistInfo, micro_steps: int, total_steps: int):
         from transformers import get_scheduler
 
-        self.cfg, self.info, self.backend = cfg, info, cfg.dist.backend
-        if self.backend == "auto":
-            self.backend = "ddp" if info.world_size > 1 else "none"
+        self.cfg, self.info = cfg, info
+        self.backend = resolve_backend(cfg, info.world_size)
         o = cfg.optim
         schedule = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}[o.schedule]
         # DeepSpeed steps its scheduler at every optimizer pass (grpo.epochs per training step);
@@ -144,13 +143,7 @@ class Engine:
             self.ds = self.model
         else:
             if self.backend == "fsdp2":
-                from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-                mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                    if cfg.model.autocast_bf16 else MixedPrecisionPolicy()
-                for layer in decoder_layers(model):
-                    fully_shard(layer, mp_policy=mp)
-                fully_shard(model, mp_policy=mp)
+                shard_fsdp2(model, cfg)  # a no-op for a model `load_trainable` sharded as it loaded
                 self.model = model
             elif self.backend == "ddp":
                 from torch.nn.parallel import DistributedDataParallel
@@ -208,11 +201,13 @@ class Engine:
         return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata, bucket_mb)
 
     def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
-        """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded. Every
-        rank must iterate (gathering is collective); each gets the full tensors. Tied weights come
-        under every name (vLLM keeps its own copy of a tied `lm_head.weight`)."""
-        bucket, size = [], 0
-        limit = bucket_mb * 2**20
+        """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded, cut only
+        between layers (see `layer_buckets`). Every rank must iterate (gathering is collective); each
+        gets the full tensors. Tied weights come under every name (vLLM keeps its own copy of a tied
+        `lm_head.weight`)."""
+        return layer_buckets(self.full_tensors(), bucket_mb)
+
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self.backend == "deepspeed" and self.cfg.dist.zero_stage == 3:
             import deepspeed
 
@@ -222,27 +217,20 @@ class Engine:
                 unique = list({id(p): p for _, p in group}.values())
                 with deepspeed.zero.GatheredParameters(unique):
                     part = [(n, p.detach().clone()) for n, p in group]
-                for item in part:
-                    bucket.append(item)
-                    size += item[1].numel() * item[1].element_size()
-                    if size >= limit:
-                        yield bucket
-                        bucket, size = [], 0
+                yield from part
         else:
             for name, p in self.raw.named_parameters(remove_duplicate=False):
-                tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
-                bucket.append((name, tensor.detach()))
-                size += tensor.numel() * tensor.element_size()
-                if size >= limit:
-                    yield bucket
-                    bucket, size = [], 0
-        if bucket:
-            yield bucket
+                yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full weights on CPU, keyed as the model's own state_dict (tied names included)."""
+        """Full weights on CPU, keyed as the model's own state_dict (tied names included), on rank 0;
+        the other ranks take part in the gathers and keep nothing (empty dict)."""
         keys = set(self.raw.state_dict())
-        return {n: t.cpu() for bucket in self.weight_buckets() for n, t in bucket if n in keys}
+        out = {}
+        for name, tensor in self.full_tensors():
+            if self.info.is_main and name in keys:
+                out[name] = tensor.cpu()
+        return out
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def export(self, out_dir: Path, tokenizer) -> None:
@@ -281,6 +269,49 @@ class Engine:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+
+
+def resolve_backend(cfg, world_size: int) -> str:
+    """`dist.backend`, with auto resolved: DDP on several processes, plain on one."""
+    if cfg.dist.backend == "auto":
+        return "ddp" if world_size > 1 else "none"
+    return cfg.dist.backend
+
+
+def shard_fsdp2(model, cfg) -> None:
+    """FSDP2 over each decoder layer, then the rest (embeddings, final norm, head) at the root."""
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if isinstance(model, FSDPModule):
+        return
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if cfg.model.autocast_bf16 else MixedPrecisionPolicy()
+    for layer in decoder_layers(model):
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+
+
+def layer_of(name: str) -> str:
+    """The unit a weight belongs to: its decoder layer ("model.layers.3") or, outside the layers, itself."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return name
+
+
+def layer_buckets(tensors: Iterator[tuple[str, torch.Tensor]], bucket_mb: float) -> Iterator[list]:
+    """Buckets of about `bucket_mb`, closed only where a layer ends: a receiver that loads bucket by
+    bucket then always holds a layer's q/k/v and gate/up together (vLLM fuses them)."""
+    bucket, size, limit = [], 0, bucket_mb * 2**20
+    for name, tensor in tensors:
+        if bucket and size >= limit and layer_of(name) != layer_of(bucket[-1][0]):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+    if bucket:
+        yield bucket
 
 
 def decoder_layers(model) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
                      reward_names, score_groups, token_logprobs)
@@ -34,19 +34,12 @@ from rntp.data import PositionStream
 from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
 from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
+from rntp.models import load_policy, load_trainable
 from rntp.prepare import resolve_model_path
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
 
 log = logging.getLogger(__name__)
-
-
-def load_policy(path: str, cfg: Config, device: torch.device | None = None):
-    dtype = torch.bfloat16 if cfg.model.dtype == "bfloat16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
@@ -212,33 +205,36 @@ def train(cfg: Config) -> Path:
     # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     pad_id = pad_id_of(tokenizer)
-    policy = load_policy(model_path, cfg, info.device)
+    G = cfg.rollout.group_size
+    passes = -(-positions_per_rank * G // cfg.train.micro_batch)
+    fixed_passes = passes if info.world_size > 1 or cfg.dist.backend == "deepspeed" else None
+    policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
     policy.train()
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
     # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
     needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
-    ema = make_ema(policy) if cfg.reward.baseline == "ema" else None
+    sharded = cfg.dist.backend == "fsdp2" or (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage == 3)
+    ema = make_ema(load_policy(model_path, cfg, info.device) if sharded else policy) \
+        if cfg.reward.baseline == "ema" else None
     baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     token_bytes = token_bytes_fn(tokenizer)
     stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
                             entropy_fn=(lambda ids: position_entropies(initial, ids)) if initial is not None else None)
+    # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
+    sampler_model = load_policy(model_path, cfg, info.device).eval() if cfg.rollout.sampler == "hf" and sharded \
+        else None
+
+    # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
+    engine = Engine(policy, cfg, info, passes, cfg.train.steps)
     evalset = None
     if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
-        evalset = build_eval_set(cfg, tokenizer, policy if difficulty_path == model_path else
+        engine.train(False)
+        evalset = build_eval_set(cfg, tokenizer, engine.model if difficulty_path == model_path else
                                  load_policy(difficulty_path, cfg, info.device))
-
-    # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
-    G = cfg.rollout.group_size
-    passes = -(-positions_per_rank * G // cfg.train.micro_batch)
-    fixed_passes = passes if info.world_size > 1 or cfg.dist.backend == "deepspeed" else None
-    sampler_model = None
-    if cfg.rollout.sampler == "hf" and (cfg.dist.backend == "fsdp2" or
-                                        (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage == 3)):
-        sampler_model = copy.deepcopy(policy).eval()  # sharded weights cannot generate rank by rank
-    engine = Engine(policy, cfg, info, passes, cfg.train.steps)
+        engine.train(True)
     start_step = 0
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)

@@ -29,30 +29,27 @@ def fixed_global_batch(vocab: int):
 def step(args):
     from rewards import score_groups
     from rntp import grpo
-    from rntp.config import load_config
     from rntp.distributed import Engine, init_distributed, shutdown_distributed
-    from rntp.train import load_policy, update_policy
+    from rntp.models import load_trainable
+    from rntp.train import update_policy
     from rollout import Rollout
 
     info = init_distributed()
-    cfg = load_config(None, [f"model.name_or_path={args.model}", f"dist.backend={args.backend}",
-                             f"dist.zero_stage={args.zero}", "train.micro_batch=3", "rollout.group_size=4",
-                             "rollout.max_thought_tokens=6", "optim.lr=1e-3", "optim.eps=1e-6",
-                             f"grpo.loss_aggregation={args.aggregation}", "train.positions_per_step=4"])
-    policy = load_policy(args.model, cfg, info.device)
+    cfg = worker_config(args)
+    passes = -(-(16 // info.world_size) // 3)  # this rank's 16 or 8 thoughts in micro-batches of 3
+    policy = load_trainable(args.model, cfg, info, passes)  # sharded as it loads (FSDP2, ZeRO-3)
+    engine = Engine(policy, cfg, info, passes, total_steps=1)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
     mine = [g for g in range(4) if g % info.world_size == info.rank]
     local = {g: i for i, g in enumerate(mine)}
     my_rollouts = [Rollout(local[r.group], r.prompt_ids, r.thought_ids, r.n_sampled, r.closed)
                    for r in rollouts if r.group in local]
     my_rewards = torch.stack([rewards[i] for i, r in enumerate(rollouts) if r.group in local])
-    policy.eval()
-    scored = score_groups(policy, [contexts[g] for g in mine], my_rollouts, [targets[g] for g in mine], 0, 3)
-    policy.train()
+    engine.train(False)
+    scored = score_groups(engine.model, [contexts[g] for g in mine], my_rollouts, [targets[g] for g in mine], 0, 3)
+    engine.train(True)
     group = torch.tensor([r.group for r in my_rollouts])
     advantages = grpo.group_advantages(my_rewards, group, "group")
-    passes = -(-len(my_rollouts) // 3)
-    engine = Engine(policy, cfg, info, passes, total_steps=1)
     keep = torch.ones(len(my_rollouts), dtype=torch.bool)
     stats = update_policy(engine, None, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
                           passes if info.world_size > 1 or args.backend == "deepspeed" else None)
@@ -62,13 +59,73 @@ def step(args):
     shutdown_distributed()
 
 
+def worker_config(args):
+    from rntp.config import load_config
+
+    return load_config(None, [f"model.name_or_path={args.model}", f"dist.backend={args.backend}",
+                              f"dist.zero_stage={args.zero}", "train.micro_batch=3", "rollout.group_size=4",
+                              "rollout.max_thought_tokens=6", "optim.lr=1e-3", "optim.eps=1e-6",
+                              f"grpo.loss_aggregation={args.aggregation}", "train.positions_per_step=4"])
+
+
+def held_elements(params) -> int:
+    """Parameter elements this process holds in memory now: a DTensor's local shard, a ZeRO-3
+    partition (and any gathered copy), a plain tensor whole; nothing on the meta device."""
+    held, seen = 0, set()
+    for p in params:
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        local = p._local_tensor if hasattr(p, "_local_tensor") else p.data
+        if local.device.type != "meta":
+            held += local.numel()
+        if hasattr(p, "ds_tensor"):
+            held += p.ds_tensor.numel()
+    return held
+
+
+def load(args):
+    """Load the policy to train and write the checkpoint's consolidated weights, recording the most
+    parameter elements this rank held at once (sampled at every parameter a module registers)."""
+    import json
+    import weakref
+
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    from rntp.distributed import Engine, init_distributed, shutdown_distributed
+    from rntp.models import load_trainable
+
+    info = init_distributed()
+    cfg = worker_config(args)
+    params, peak = {}, [0]  # id -> weak reference: replaced parameters drop out as they are freed
+
+    def sample(module=None, name=None, param=None):
+        if param is not None:
+            params[id(param)] = weakref.ref(param)
+        live = [p for p in (ref() for ref in params.values()) if p is not None]
+        peak[0] = max(peak[0], held_elements(live))
+
+    hook = register_module_parameter_registration_hook(sample)
+    engine = Engine(load_trainable(args.model, cfg, info, 2), cfg, info, 2, total_steps=1)
+    hook.remove()
+    for p in engine.raw.parameters():
+        sample(param=p)
+    state = engine.full_state_dict()  # a checkpoint's consolidation
+    with open(f"{args.out}.rank{info.rank}.json", "w") as f:
+        json.dump({"peak_held": peak[0], "held_after": held_elements(list(engine.raw.parameters())),
+                   "consolidated": sum(t.numel() for t in state.values())}, f)
+    if info.rank == 0:
+        torch.save(state, args.out)
+    shutdown_distributed()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["step"])
+    parser.add_argument("command", choices=["step", "load"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--backend", default="none")
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--aggregation", default="seq_mean")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    sys.exit(step(args))
+    sys.exit({"step": step, "load": load}[args.command](args))

@@ -158,3 +158,37 @@ def test_usr1_to_the_node_launcher_checkpoints_and_exits_cleanly(tiny_model_dir,
     state = torch.load(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
                        / "trainer_state.pt", weights_only=False)
     assert 1 <= state["step"] < 500
+
+
+@pytest.fixture(scope="module")
+def layered_model_dir(tmp_path_factory):
+    """A model whose weights are nearly all in its decoder layers (six of them), as in large models:
+    a rank holding more than its share shows in the count."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True)
+    out = tmp_path_factory.mktemp("layered")
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.mark.parametrize("backend, zero", [("fsdp2", 2), ("deepspeed", 3)])
+def test_sharded_backends_never_hold_the_whole_model_on_other_ranks(backend, zero, layered_model_dir, tmp_path):
+    """A 70B model does not fit on one GPU: under FSDP2 and ZeRO-3 a rank other than 0 must never hold
+    the full parameters, neither while loading nor when a checkpoint is consolidated (rank 0 writes it)."""
+    out = tmp_path / "weights.pt"
+    torchrun(WORKER, "load", "--model", str(layered_model_dir), "--backend", backend, "--zero", str(zero),
+             "--out", str(out))
+    full = AutoModelForCausalLM.from_pretrained(layered_model_dir)
+    total = sum(p.numel() for p in full.parameters())
+    other = json.loads((tmp_path / "weights.pt.rank1.json").read_text())
+    assert other["peak_held"] < 0.6 * total, other  # its half, and one layer at a time at most
+    assert other["held_after"] <= total // 2 + 1024
+    assert other["consolidated"] == 0  # no full state dict built off rank 0
+    main = json.loads((tmp_path / "weights.pt.rank0.json").read_text())
+    assert main["held_after"] <= total // 2 + 1024
+    state = torch.load(out)
+    for name, p in full.state_dict().items():  # rank 0's shards plus the broadcast ones: the checkpoint
+        torch.testing.assert_close(state[name], p, rtol=0, atol=0, msg=name)

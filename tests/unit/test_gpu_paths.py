@@ -82,3 +82,20 @@ def test_ema_teacher_follows_bf16_weights_in_fp32():
             expected += 0.001 * (moved[name].double() - expected)
         assert (p.double() - start[name]).abs().min() > 0.004  # each step moved every weight
         torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-6)
+
+
+def test_weight_buckets_end_only_between_layers():
+    """Many small buckets (as a 70B push in 256 MB buckets is): none ends inside a decoder layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=2, num_key_value_heads=1)
+    named = [(n, p.detach()) for n, p in LlamaForCausalLM(config).named_parameters(remove_duplicate=False)]
+    buckets = list(distributed.layer_buckets(iter(named), bucket_mb=4096 / 2**20))  # 4 KB: several per layer
+    assert [item for b in buckets for item in b] == named  # every weight once, in order
+    assert len(buckets) >= 5
+    for before, after in zip(buckets, buckets[1:]):
+        assert distributed.layer_of(before[-1][0]) != distributed.layer_of(after[0][0])
+    layer = [n for n, _ in named if n.startswith("model.layers.1.")]
+    holding = [i for i, b in enumerate(buckets) if any(n.startswith("model.layers.1.") for n, _ in b)]
+    assert len(holding) == 1 and len(layer) == 9  # q, k, v, o, gate, up, down and two norms together
