@@ -219,7 +219,10 @@ def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: 
                   vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
     vLLM's OpenAI-compatible server with its RL routes (VLLM_SERVER_DEV_MODE) and the weight-transfer
-    backend the trainer will use. `vllm_args` go through as they are (e.g. --tensor-parallel-size 8)."""
+    backend the trainer will use. `--generation-config vllm`: the server's defaults for fields a
+    request leaves unset are vLLM's neutral ones, not the model's generation_config.json (which
+    would also cap max_tokens at its max_new_tokens). `vllm_args` go through as they are (e.g.
+    --tensor-parallel-size 8)."""
     import json
     import os
     import sys
@@ -227,7 +230,7 @@ def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: 
     vllm = cfg.rollout.vllm
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
-            "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed),
+            "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
             "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
     if vllm.enforce_eager:
         argv.append("--enforce-eager")

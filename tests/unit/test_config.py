@@ -68,6 +68,7 @@ def test_serve_dry_run_prints_the_vllm_server_command(capsys):
     command = capsys.readouterr().out.strip()
     assert command.startswith("VLLM_SERVER_DEV_MODE=1 ") and "vllm.entrypoints.openai.api_server" in command
     assert """--weight-transfer-config '{"backend": "gloo"}'""" in command
+    assert "--generation-config vllm" in command  # not the model's sampling defaults
     assert command.endswith("--tensor-parallel-size 2")  # arguments after -- go to vLLM unchanged
     # context 64 + thought 6 + the tags' tokens + slack, so no sequence the sampler sees is cut
     assert int(command.split("--max-model-len ")[1].split()[0]) >= 64 + 6 + 2
