@@ -91,6 +91,14 @@ def transfer_backend(choice: str) -> str:
     return choice
 
 
+def transfer_address(urls: list[str], configured: str | None = None) -> str:
+    """Where the servers' workers reach trainer rank 0 (`rollout.server.transfer_address`)."""
+    if configured:
+        return configured
+    local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in urls)
+    return "127.0.0.1" if local else socket.gethostbyname(socket.gethostname())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -173,8 +181,7 @@ class ServerSampler:
 
         weight_transfer.register()
         workers = [self._call("GET", url, "/get_world_size")["world_size"] for url in self.urls]
-        local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in self.urls)
-        address = self.cfg.transfer_address or ("127.0.0.1" if local else socket.gethostbyname(socket.gethostname()))
+        address = transfer_address(self.urls, self.cfg.transfer_address)
         common = dict(master_address=address, world_size=1 + sum(workers), rank=self.rank)
         if transfer_backend(self.cfg.weight_transfer) == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
