@@ -15,6 +15,7 @@ server with its RL routes and a weight-transfer backend), then train with
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
@@ -91,12 +92,53 @@ def transfer_backend(choice: str) -> str:
     return choice
 
 
+def _is_loopback(host: str | None) -> bool:
+    """Whether `host` (a URL's host: an address or a name) is this machine's loopback."""
+    if not host or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: loopback only if every address it resolves to is
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+def route_address(host: str, port: int) -> str:
+    """This machine's address on the interface that routes to host:port: a UDP socket's `connect`
+    picks the route and sends nothing."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)
+        return s.getsockname()[0]
+
+
 def transfer_address(urls: list[str], configured: str | None = None) -> str:
-    """Where the servers' workers reach trainer rank 0 (`rollout.server.transfer_address`)."""
+    """Where the servers' workers reach trainer rank 0: `rollout.server.transfer_address` if set;
+    127.0.0.1 when every server is on this machine; else this machine's address on the interface
+    that routes to the first remote server (`gethostbyname(gethostname())` where that fails, which
+    on many cluster nodes is 127.0.1.1 from /etc/hosts: a loopback address is a warning)."""
     if configured:
         return configured
-    local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in urls)
-    return "127.0.0.1" if local else socket.gethostbyname(socket.gethostname())
+    remote = [url for url in map(urlparse, urls) if not _is_loopback(url.hostname)]
+    if not remote:
+        return "127.0.0.1"
+    first = remote[0]
+    try:
+        address = route_address(first.hostname, first.port or (443 if first.scheme == "https" else 80))
+    except OSError as e:
+        log.warning("no route to %s (%s); the weight transfer falls back to this host name's address", first.netloc, e)
+        address = socket.gethostbyname(socket.gethostname())
+    try:
+        loopback = ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        log.warning("the weight transfer would meet the server at %s on %s, a loopback address it cannot reach; "
+                    "set rollout.server.transfer_address to this host's address on the servers' network",
+                    first.netloc, address)
+    return address
 
 
 def free_port() -> int:
