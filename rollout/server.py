@@ -94,7 +94,9 @@ def transfer_backend(choice: str) -> str:
 
 def _is_loopback(host: str | None) -> bool:
     """Whether `host` (a URL's host: an address or a name) is this machine's loopback."""
-    if not host or host == "localhost":
+    if not host:
+        return False
+    if host == "localhost":
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
