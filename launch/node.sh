@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One node's share of a run: torchrun with this node's rank, rendezvous at MASTER_ADDR:MASTER_PORT.
 # SIGUSR1/SIGTERM are passed to the training processes (not to torchrun, which would kill them):
-# they write a checkpoint at the end of the step and exit cleanly.
+# they write a checkpoint at the end of the step and exit cleanly. torchrun itself ignores USR1, so a
+# USR1 sent to the whole process group (as srun does) reaches the trainers and leaves torchrun alone.
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host MASTER_PORT=29500 NPROC=8 RUN_DIR=runs/x \
 #     launch/node.sh --config configs/gpu/single-node.yaml key=value ...
@@ -36,7 +37,10 @@ if [[ "${DRY_RUN:-0}" == 1 ]]; then
   exit 0
 fi
 
-"${cmd[@]}" &
+# torchrun ignores USR1: srun sends it to every process of the task, and its default action would
+# kill torchrun (then srun's --kill-on-bad-exit kills the trainers mid-checkpoint). An ignored signal
+# stays ignored across exec; the trainers install their own handler (rntp/train.py).
+(trap '' USR1; exec "${cmd[@]}") &
 launcher=$!
 # shellcheck disable=SC2329  # called by the traps below
 forward() {

@@ -85,8 +85,10 @@ class ServerConfig(Section):
     # How new weights reach the servers, through vLLM's weight-transfer API: nccl (vLLM's, GPUs)
     # or gloo (ours, any machine); auto = nccl where CUDA is available. Start the servers with the same.
     weight_transfer: Literal["auto", "nccl", "gloo"] = "auto"
-    # Where the servers' workers meet trainer rank 0; None = 127.0.0.1 when every server is local,
-    # else this host's address. Port 0 picks a free one.
+    # Where the servers' workers meet trainer rank 0 (an address of this host they can reach); None =
+    # 127.0.0.1 when every server is local, else this host's address on the interface that routes to
+    # the first remote server (a warning if that is loopback, e.g. 127.0.1.1 from /etc/hosts: set it
+    # then). Port 0 picks a free one.
     transfer_address: str | None = None
     transfer_port: int = Field(0, ge=0, lt=65536)
     timeout_s: float = Field(600, gt=0, description="per request and per transfer")

@@ -25,10 +25,17 @@ class SamplingSpec:
 
 def thought_request(spec: SamplingSpec, index: int, close_tag: str) -> dict:
     """vLLM's sampling fields for the `index`-th prompt of a call, the same in-process and over HTTP.
-    One seed per request: vLLM seeds each request's generator, so equal seeds on equal prompts would
-    give equal thoughts. A thought ends at the close tag or the budget, never at EOS."""
+
+    Seeds: vLLM seeds each sample's generator, and gives sample j of an n-sample request the seed
+    `seed + j` (vllm/v1/engine/parallel_sampling.py), so each prompt gets its own block of n seeds;
+    no two samples of a call share one (seed + 1 for the next prompt would repeat its sample 1).
+    Sampling: only temperature and top_p shape it. The other fields are sent with vLLM's neutral
+    values, since a server fills each field a request leaves unset from the model's
+    generation_config.json (top_k, min_p, penalties), which would sample off-policy.
+    A thought ends at the close tag or the budget, never at EOS."""
     return dict(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p,
-                seed=spec.seed * 1_000_003 + index, stop=[close_tag], include_stop_str_in_output=True,
+                top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+                seed=(spec.seed * 1_000_003 + index) * spec.n, stop=[close_tag], include_stop_str_in_output=True,
                 ignore_eos=True)
 
 

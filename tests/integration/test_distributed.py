@@ -160,6 +160,35 @@ def test_usr1_to_the_node_launcher_checkpoints_and_exits_cleanly(tiny_model_dir,
     assert 1 <= state["step"] < 500
 
 
+def test_usr1_to_the_whole_process_group_still_checkpoints_and_exits_cleanly(tiny_model_dir, corpus_file, tmp_path):
+    """What srun does with SLURM's warning: USR1 to every process of the task, torchrun included.
+    torchrun must not die of it (its default action), since srun's --kill-on-bad-exit would then
+    kill the trainers mid-checkpoint; the trainers checkpoint and every process exits 0."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NPROC": "2", "MASTER_PORT": "29619", "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable, "RUN_DIR": str(run_dir), "WANDB_MODE": "disabled"}
+    args = train_args(tiny_model_dir, corpus_file, run_dir, "rollout.sampler=hf", "dist.backend=ddp",
+                      "train.steps=500")[3:-1]  # drop "-m rntp train" and run_dir (node.sh adds them)
+    proc = subprocess.Popen(["bash", str(ROOT / "launch" / "node.sh"), *args], env=env, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists() and rows(run_dir)):
+            time.sleep(1)
+        assert rows(run_dir), "training never logged a step"
+        os.killpg(proc.pid, signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the group may outlive the test
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-3000:]
+    assert b"Traceback" not in out, out[-3000:]
+    state = torch.load(run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
+                       / "trainer_state.pt", weights_only=False)
+    assert 1 <= state["step"] < 500 and len(state["ranks"]) == 2
+
 @pytest.fixture(scope="module")
 def layered_model_dir(tmp_path_factory):
     """A model whose weights are nearly all in its decoder layers (six of them), as in large models:

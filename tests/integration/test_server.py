@@ -2,6 +2,7 @@
 vLLM's weight-transfer API with the gloo backend, and two trainer ranks training against it."""
 
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -54,8 +55,24 @@ def stop_server(proc):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_dir, tmp_path_factory):
-    proc, url = start_server(tiny_model_dir, tmp_path_factory.mktemp("server") / "server.log", *SERVE)
+def opinionated_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a generation_config.json that asks for other sampling than ours, as
+    released models' configs do: vLLM's completion route would fill each field a request leaves
+    unset from it, and cap max_tokens at its max_new_tokens."""
+    from transformers import GenerationConfig
+
+    out = tmp_path_factory.mktemp("tiny-opinionated") / "model"
+    shutil.copytree(tiny_model_dir, out)
+    config = GenerationConfig.from_pretrained(out) if (out / "generation_config.json").exists() else GenerationConfig()
+    config.update(do_sample=True, top_k=2, min_p=0.3, repetition_penalty=1.5, max_new_tokens=3)
+    config.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(opinionated_model_dir, tmp_path_factory):
+    """A server on the tiny model's weights whose generation config would sample otherwise."""
+    proc, url = start_server(opinionated_model_dir, tmp_path_factory.mktemp("server") / "server.log", *SERVE)
     yield url
     stop_server(proc)
 

@@ -76,3 +76,30 @@ def test_server_mode_needs_a_node_left_for_training():
                           env={**full_env, "DRY_RUN": "1", "DRY_RUN_HOSTS": "gpu-a", "SERVER_NODES": "1"},
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 2 and "leaves no node of 1 for training" in done.stderr
+
+
+def sbatch_log_paths():
+    """Every `#SBATCH --output/--error` (or -o/-e) path in the templates, with its template."""
+    found = []
+    for script in SCRIPTS:
+        for line in Path(script).read_text().splitlines():
+            words = line.split()
+            if words[:1] != ["#SBATCH"] or len(words) < 2:
+                continue
+            option, _, value = words[1].partition("=")
+            if option in ("--output", "--error") or (option in ("-o", "-e") and len(words) > 2):
+                found.append((Path(script).name, value or words[2]))
+    return found
+
+
+def test_sbatch_logs_go_where_a_fresh_clone_has_a_folder():
+    """SLURM opens --output/--error before the script runs and does not create folders: a log path
+    into a folder a fresh clone lacks (runs/ is git-ignored) fails the job before it starts."""
+    paths = sbatch_log_paths()
+    assert {name for name, _ in paths} >= {"single_node.sbatch", "multi_node.sbatch"}
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    tracked_dirs = {str(Path(f).parent) for f in tracked} | {str(p) for f in tracked for p in Path(f).parents}
+    for name, path in paths:
+        folder = str(Path(path).parent)
+        assert not Path(path).is_absolute() and "%" not in folder, (name, path)
+        assert folder == "." or folder in tracked_dirs, f"{name}: {path} is in a folder a fresh clone lacks"
