@@ -16,7 +16,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-unit bench prepare clean
+.PHONY: install demo test test-unit bench gpu-check prepare clean
 
 install: $(STAMP)
 
@@ -45,6 +45,14 @@ test-unit: install
 
 bench: prepare
 	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server
+
+# On a GPU machine: tests/gpu, then the training loop at real model shapes (random weights, generated
+# tokenizer and corpus: nothing downloaded). Uses the venv where `make install` made one, else the
+# machine's own Python with its CUDA torch (a bare lent machine; see the README's GPU section).
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+gpu-check:
+	RNTP_TOKENIZER=generated $(GPU_PY) -m pytest tests/gpu -m gpu -v -p no:cacheprovider
+	$(GPU_PY) -m rntp.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs

@@ -31,10 +31,17 @@ def default_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tokenizer(default_model_dir):
+def tokenizer(request, tmp_path_factory):
+    """SmolLM2's tokenizer; with RNTP_TOKENIZER=generated (`make gpu-check` on a machine that cannot
+    fetch the default model) a byte-level BPE trained on generated text instead."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(default_model_dir)
+    if os.environ.get("RNTP_TOKENIZER") == "generated":
+        from rntp.gpu_check import generated_corpus, trained_tokenizer
+
+        out = tmp_path_factory.mktemp("tokenizer")
+        return trained_tokenizer(generated_corpus(out / "corpus.jsonl", docs=50), out)
+    return AutoTokenizer.from_pretrained(request.getfixturevalue("default_model_dir"))
 
 
 @pytest.fixture(scope="session")
