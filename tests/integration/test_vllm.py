@@ -71,37 +71,6 @@ def test_weight_push_makes_vllm_match_the_trainer(vllm_sampler, tiny_model_dir, 
         assert max(abs(x - y) for x, y in zip(b[1:], trainer)) > 1e-2  # the push changed vLLM's weights
 
 
-@pytest.mark.slow
-def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_path):
-    """The `make demo` path, shortened: the real CLI, SmolLM2-135M, vLLM sampling, wandb offline."""
-    env = {**os.environ, "WANDB_MODE": "offline"}
-    cmd = [sys.executable, "-m", "rntp", "train", "--config", "configs/demo.yaml", "train.steps=2",
-           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false", "rollout.check_sync_every=1"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "checkpoint:" in done.stdout and "plot:" in done.stdout
-    rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]
-    assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
-    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)  # and it samples from the trained weights
-    assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
-    ckpt = tmp_path / "demo" / "checkpoints" / "step_000002"
-    assert (ckpt / "model.safetensors").exists()
-    # The checkpoint loads in vLLM and transformers alike, and they agree on it.
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(ckpt)
-    sampler = make_sampler("vllm", str(ckpt), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
-    seq = tokenizer.encode("Return the list of names in the module.", add_special_tokens=False)
-    served = sampler.prompt_logprobs([seq])[0][1:]
-    sampler.close()
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    ids = torch.tensor([seq])
-    with torch.no_grad():
-        local = token_logprobs(model, ids, torch.ones_like(ids))[0].tolist()
-    assert max(abs(a - b) for a, b in zip(served, local)) < 1e-3
-
-
 def test_sleep_where_vllm_has_no_sleep_mode_is_a_clear_error(tiny_model_dir, tokenizer):
     if torch.cuda.is_available():
         pytest.skip("CUDA has a sleep mode")
@@ -177,3 +146,36 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
         differs = max(differs, (plain.thought_logprobs[i][plain.batch.thought_mask[i]] - theirs).abs().max().item())
     assert worst < 1e-4
     assert differs > 1e-2  # log-probs at temperature 1 are not what was sampled from
+
+
+# Last in this file: it starts and closes a second engine in this process, and closing an engine
+# tears down vLLM's process-wide parallel state that the module's engine also uses.
+@pytest.mark.slow
+def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_path):
+    """The `make demo` path, shortened: the real CLI, SmolLM2-135M, vLLM sampling, wandb offline."""
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    cmd = [sys.executable, "-m", "rntp", "train", "--config", "configs/demo.yaml", "train.steps=2",
+           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false", "rollout.check_sync_every=1"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "checkpoint:" in done.stdout and "plot:" in done.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
+    assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)  # and it samples from the trained weights
+    assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
+    ckpt = tmp_path / "demo" / "checkpoints" / "step_000002"
+    assert (ckpt / "model.safetensors").exists()
+    # The checkpoint loads in vLLM and transformers alike, and they agree on it.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    sampler = make_sampler("vllm", str(ckpt), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
+    seq = tokenizer.encode("Return the list of names in the module.", add_special_tokens=False)
+    served = sampler.prompt_logprobs([seq])[0][1:]
+    sampler.close()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        local = token_logprobs(model, ids, torch.ones_like(ids))[0].tolist()
+    assert max(abs(a - b) for a, b in zip(served, local)) < 1e-3
