@@ -118,6 +118,8 @@ class Scored:
     batch: SequenceBatch
     no_think_logprobs: torch.Tensor  # [P, H] log p(target_h | context, target_<h), one row per position
     no_think_greedy: torch.Tensor  # [P, H] bool: greedy prediction without a thought is right
+    # [N, L-1] the sampler's log-probs of the thought tokens (zero elsewhere); None if a sampler gave none
+    behaviour_logprobs: torch.Tensor | None = None
 
     @property
     def target_greedy(self) -> torch.Tensor:
@@ -233,7 +235,12 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     for i, vals in enumerate(thought_vals):
         thought_lp[i, batch.thought_mask[i]] = vals
     target_ids = torch.tensor([targets[r.group] for r in rollouts])
-    return Scored(thought_lp, target_ids, target_lp, pred, entropy, batch, no_think, no_think_greedy)
+    behaviour = None
+    if all(r.behaviour_logprobs is not None for r in rollouts):
+        behaviour = torch.zeros(batch.thought_mask.shape)
+        for i, r in enumerate(rollouts):
+            behaviour[i, batch.thought_mask[i]] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
+    return Scored(thought_lp, target_ids, target_lp, pred, entropy, batch, no_think, no_think_greedy, behaviour)
 
 
 @torch.no_grad()

@@ -48,9 +48,49 @@ def main(argv: list[str] | None = None) -> None:
     print(f"    step: {step:6.2f} s   whole run incl. start-up: {wall:.1f} s")
     print(f"scoring share of step time: {100 * med('time/score') / step:.1f}%  (aim < 15%)")
     print(f"peak memory: {max(r['memory/peak_gb'] for r in rows):.2f} GB")
+    mismatch(args, cfg, rows, step)
     sampler_ratio(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
+
+
+def mismatch(args, cfg, rows: list[dict], step_s: float) -> None:
+    """Sampler/trainer mismatch on this config with its own sampler dtype and with a bf16 sampler, and
+    what the correction's arithmetic costs against the step."""
+    import torch
+
+    from rntp import grpo
+    from rntp.config import load_config
+    from rntp.train import train
+
+    def show(label, rs):
+        if not rs or "mismatch/mean_abs_log_ratio" not in rs[0]:
+            print(f"mismatch ({label}): not reported by this sampler")
+            return
+        med = lambda key: statistics.median(r[key] for r in rs)  # noqa: E731
+        print(f"mismatch ({label}): mean |log ratio| {med('mismatch/mean_abs_log_ratio'):.2e}, max "
+              f"{max(r['mismatch/max_abs_log_ratio'] for r in rs):.2e}, k3 KL {med('mismatch/kl_k3'):.2e}, IS weight "
+              f"{med('mismatch/is_weight_mean'):.4f}, corrected {100 * med('mismatch/corrected_frac'):.2f}% of tokens")
+
+    print(f"\n== sampler/trainer mismatch ({cfg.grpo.mismatch_correction}, C={cfg.grpo.is_cap}) ==")
+    show(f"sampler {cfg.rollout.vllm.dtype}, trainer {cfg.model.dtype}", rows)
+    if cfg.rollout.sampler != "hf":
+        with tempfile.TemporaryDirectory() as tmp:
+            bf16 = load_config(args.config, [*args.overrides, f"run_dir={tmp}/run", "train.steps=3",
+                                             "rollout.vllm.dtype=bfloat16", "log.wandb_mode=disabled", "log.plot=false",
+                                             "log.progress=false"])
+            train(bf16)
+            show(f"sampler bfloat16, trainer {cfg.model.dtype}",
+                 [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")][1:])
+    # The correction's cost: its weights over one step's thought tokens, timed alone.
+    n, width = cfg.train.positions_per_step * cfg.rollout.group_size, cfg.rollout.max_thought_tokens + cfg.data.horizon
+    log_ratio, mask = torch.randn(n, width) * 0.05, torch.rand(n, width) > 0.3
+    grpo.importance_weights(log_ratio, mask, cfg.grpo.mismatch_correction, cfg.grpo.is_cap, cfg.grpo.is_band)
+    t = time.perf_counter()
+    for _ in range(100):
+        grpo.importance_weights(log_ratio, mask, cfg.grpo.mismatch_correction, cfg.grpo.is_cap, cfg.grpo.is_band)
+    cost = (time.perf_counter() - t) / 100 * cfg.grpo.epochs
+    print(f"correction cost: {1e3 * cost:.3f} ms per step = {100 * cost / step_s:.3f}% of the step (aim < 2%)")
 
 
 def sampler_ratio(cfg, repeats: int) -> None:

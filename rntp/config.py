@@ -158,6 +158,21 @@ class GRPOConfig(Section):
     # is at most this before the update (0 = keep all). Quiet-STaR drops negative advantages.
     min_group_std: float = Field(0.0, ge=0)
     drop_negative_advantages: bool = False
+    # The sampler (vLLM: its own kernels, often bf16) and the trainer give the same thought different
+    # log-probs. Importance weights exp(trainer old - sampler) per thought token correct for it:
+    # token_tis caps each at is_cap (truncated IS), seq_tis caps a thought's product, token_mask and
+    # seq_mask (by the thought's geometric mean) drop what leaves is_band; none = off. On by default:
+    # weights are ~1 when the two agree, and the cost is a few element-wise ops (see README).
+    mismatch_correction: Literal["none", "token_tis", "seq_tis", "token_mask", "seq_mask"] = "token_tis"
+    is_cap: float = Field(2.0, ge=1, description="C: the largest importance weight (token_tis, seq_tis)")
+    is_band: tuple[float, float] = Field((0.5, 2.0), description="ratios kept by token_mask and seq_mask")
+
+    @model_validator(mode="after")
+    def _band(self) -> "GRPOConfig":
+        lo, hi = self.is_band
+        if not 0 < lo <= 1 <= hi:
+            raise ValueError(f"grpo.is_band={self.is_band} must hold 1 and be positive: (lo <= 1 <= hi)")
+        return self
 
 
 class OptimConfig(Section):

@@ -103,3 +103,45 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Per-token KL(pi || ref) estimate exp(q - p) - (q - p) - 1 with p = log pi, q = log ref (>= 0)."""
     delta = ref_logp - logp
     return torch.exp(delta) - delta - 1
+
+
+def importance_weights(log_ratio: torch.Tensor, mask: torch.Tensor, mode: str, cap: float = 2.0,
+                       band: tuple[float, float] = (0.5, 2.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [B, L] that correct the update for the sampler/trainer mismatch, and which tokens the
+    correction truncated or masked (bool [B, L]); both zero outside `mask` (the thought tokens).
+
+    `log_ratio` = trainer old log-prob - sampler (behaviour) log-prob per token.
+    token_tis: min(exp(log_ratio), cap) per token (truncated importance sampling).
+    seq_tis: min(exp(sum of the thought's log_ratio), cap) for all its tokens.
+    token_mask: 1, or 0 for a token whose ratio leaves `band` (icepop-style).
+    seq_mask: 1, or 0 for every token of a thought whose geometric-mean ratio leaves `band`.
+    none: 1 everywhere on the mask."""
+    log_ratio = log_ratio.masked_fill(~mask, 0.0)
+    on = mask.to(log_ratio.dtype)
+    lo, hi = math.log(band[0]), math.log(band[1])
+    if mode == "none":
+        return on, torch.zeros_like(mask)
+    if mode == "token_tis":
+        return log_ratio.clamp(max=math.log(cap)).exp() * on, (log_ratio > math.log(cap)) & mask
+    if mode == "token_mask":
+        out = ((log_ratio < lo) | (log_ratio > hi)) & mask
+        return on * ~out, out
+    per_thought = log_ratio.sum(-1, keepdim=True)
+    if mode == "seq_tis":
+        return per_thought.clamp(max=math.log(cap)).exp() * on, (per_thought > math.log(cap)) & mask
+    if mode == "seq_mask":
+        geo = per_thought / mask.sum(-1, keepdim=True).clamp(min=1)
+        out = ((geo < lo) | (geo > hi)) & mask
+        return on * ~out, out
+    raise ValueError(f"unknown mismatch correction {mode!r}")
+
+
+def mismatch_stats(trainer_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor) -> dict:
+    """How far the sampler's distribution is from the trainer's on the sampled thought tokens: mean
+    and max |log ratio|, and the k3 estimate of KL(sampler || trainer) from the sampler's own samples,
+    mean over tokens of r - 1 - log r with r = p_trainer / p_sampler."""
+    delta = (trainer_logp - behaviour_logp)[mask].double()
+    if delta.numel() == 0:
+        return {}
+    return {"mean_abs_log_ratio": delta.abs().mean().item(), "max_abs_log_ratio": delta.abs().max().item(),
+            "kl_k3": (delta.exp() - 1 - delta).mean().item()}

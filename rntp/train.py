@@ -43,8 +43,14 @@ log = logging.getLogger(__name__)
 
 
 def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  keep: torch.Tensor, cfg: Config, micro_steps: int | None) -> dict:
+                  keep: torch.Tensor, cfg: Config, micro_steps: int | None, *,
+                  behaviour: torch.Tensor | None = None) -> dict:
     """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept rows of a batch.
+
+    With one epoch the ratio's old log-probs are the update forward's own (detached), so the first
+    ratio is exactly 1 whatever scoring's code path and precision gave; with several, `old_logp`
+    (scoring's) anchors every pass. `behaviour` (the sampler's log-probs, as `old_logp`) turns on
+    the mismatch correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
 
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
     the world size because every backend averages gradients across ranks. With `micro_steps`
@@ -60,7 +66,7 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
     norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
     size = cfg.train.micro_batch
     passes = micro_steps or -(-len(kept) // size)
-    stats = torch.zeros(4, dtype=torch.float64)  # policy loss, nll, kl, clipped tokens
+    stats = torch.zeros(6, dtype=torch.float64)  # policy loss, nll, kl, clipped, IS weight sum, corrected
     grad_norm = float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
@@ -83,8 +89,14 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
                         ref_logp = policy_logprobs(ref, mb, tail, **sampling).float()
             thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
             mask = thought_mask.float()
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old_logp[rows, -tail:].to(device), adv.to(device),
-                                                       g.clip_low, g.clip_high)
+            old = logp.detach() if g.epochs == 1 else old_logp[rows, -tail:].to(device)
+            tok_loss, clipped = grpo.clipped_surrogate(logp, old, adv.to(device), g.clip_low, g.clip_high)
+            if behaviour is not None:
+                weight, corrected = grpo.importance_weights(old - behaviour[rows, -tail:].to(device), thought_mask,
+                                                            g.mismatch_correction, g.is_cap, g.is_band)
+                tok_loss = tok_loss * weight
+                stats[4] += float(weight.sum())
+                stats[5] += float(corrected.sum())
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats[0] += loss.item()
             if ref is not None and g.kl_coef > 0:
@@ -98,9 +110,13 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
             engine.backward(loss * world)
             stats[3] += float((clipped & thought_mask).sum())
         grad_norm = engine.step()
-    policy_loss, nll, kl, clipped = all_reduce_sum((stats / torch.tensor([g.epochs] * 3 + [1.0])).tolist())
-    out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / max(tokens * g.epochs, 1),
+    policy_loss, nll, kl, clipped, weights, corrected = all_reduce_sum(
+        (stats / torch.tensor([g.epochs] * 3 + [1.0] * 3)).tolist())
+    passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
+    out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
            "optim/grad_norm": grad_norm}
+    if behaviour is not None:
+        out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
         out["loss/kl"] = kl
     return out
@@ -153,7 +169,7 @@ def reduce_rows(rows: list[dict]) -> dict:
             out[key] = rows[0][key]
         elif key.startswith(SUMMED):
             out[key] = sum(values)
-        elif key.startswith(("time/", "memory/", "sync/")):
+        elif key.startswith(("time/", "memory/", "sync/", "mismatch/max_")):
             out[key] = max(values)
         else:
             out[key] = sum(values) / len(values)
@@ -323,7 +339,8 @@ def train(cfg: Config) -> Path:
         # 4. Policy update on the thought tokens.
         with timer("update"):
             update = update_policy(engine, initial, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
-                                   fixed_passes) if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
+                                   fixed_passes, behaviour=scored.behaviour_logprobs) \
+                if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
             lr = engine.lr()
             engine.step_scheduler()
 
@@ -371,6 +388,9 @@ def train(cfg: Config) -> Path:
             "memory/peak_gb": peak_memory_gb(),
             **{f"data/{k}": v for k, v in stream.stats.items()},
             **({"sync/max_logprob_diff": sync_diff} if sync_diff is not None else {}),
+            **({f"mismatch/{k}": v for k, v in grpo.mismatch_stats(scored.thought_logprobs, scored.behaviour_logprobs,
+                                                                   scored.batch.thought_mask).items()}
+               if scored.behaviour_logprobs is not None else {}),
         }
         if evalset is not None and step % cfg.eval.every == 0:
             with timer("eval"):

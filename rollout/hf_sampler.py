@@ -31,12 +31,15 @@ class HFSampler:
                 max_new_tokens=spec.max_tokens, num_return_sequences=spec.n,
                 # Like vLLM's ignore_eos: a thought ends only at the close tag or the budget.
                 eos_token_id=None, stop_strings=[self.tags.close_tag], tokenizer=self.tags.tokenizer,
-                pad_token_id=self.pad_id,
+                pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
             )
-            new = out[:, width:].tolist()
-            for j, sampled in enumerate(new):
+            new = out.sequences[:, width:]
+            # `scores` are the logits after temperature and top-p, as sampled from: the behaviour log-probs
+            behaviour = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1])[:, 0]
+                                     for t, step in enumerate(out.scores)], 1)
+            for j, (sampled, logp) in enumerate(zip(new.tolist(), behaviour.tolist())):
                 group = start + j // spec.n
-                rollouts.append(self.tags.finish(group, prompts[group], sampled))
+                rollouts.append(self.tags.finish(group, prompts[group], sampled, logp))
         self.model.train(was_training)
         return rollouts
 

@@ -205,7 +205,8 @@ class ServerSampler:
         rollouts = []
         for group, answer in enumerate(self._complete(payloads)):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):
-                rollouts.append(self.tags.finish(group, prompts[group], list(choice["token_ids"])))
+                behaviour = (choice.get("logprobs") or {}).get("token_logprobs")
+                rollouts.append(self.tags.finish(group, prompts[group], list(choice["token_ids"]), behaviour))
         return rollouts
 
     def prompt_logprobs(self, sequences: list[list[int]]) -> list[list[float | None]]:
@@ -288,6 +289,7 @@ def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: 
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
             "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
+            "--logprobs-mode", "processed_logprobs",
             "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
     if vllm.enforce_eager:
         argv.append("--enforce-eager")

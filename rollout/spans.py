@@ -37,6 +37,9 @@ class Rollout:
     thought_ids: list[int]
     n_sampled: int
     closed: bool
+    # log p of each of the n_sampled tokens under the distribution the sampler drew it from (after
+    # temperature and top-p, in the sampler's own precision and kernels); None if not reported
+    behaviour_logprobs: list[float] | None = None
 
 
 class ThinkTags:
@@ -73,11 +76,14 @@ class ThinkTags:
                 lo = mid + 1
         return lo
 
-    def finish(self, group: int, prompt_ids: list[int], sampled: list[int]) -> Rollout:
-        """Cut the sampled ids after the close tag, or close a thought that ran out of budget."""
+    def finish(self, group: int, prompt_ids: list[int], sampled: list[int],
+               logprobs: list[float] | None = None) -> Rollout:
+        """Cut the sampled ids (and their behaviour log-probs) after the close tag, or close a thought
+        that ran out of budget."""
         end = self.close_end(sampled)
-        if end is not None:
-            kept = list(sampled[:end])
-            return Rollout(group, list(prompt_ids), kept, n_sampled=len(kept), closed=True)
-        kept = list(sampled)
-        return Rollout(group, list(prompt_ids), kept + self.close_ids, n_sampled=len(kept), closed=False)
+        closed = end is not None
+        end = end if closed else len(sampled)
+        kept = list(sampled[:end])
+        behaviour = [float(x) for x in logprobs[:end]] if logprobs is not None else None
+        return Rollout(group, list(prompt_ids), kept if closed else kept + self.close_ids, n_sampled=len(kept),
+                       closed=closed, behaviour_logprobs=behaviour)

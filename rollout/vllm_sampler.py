@@ -120,7 +120,8 @@ class VLLMSampler:
             if list(out.prompt_token_ids) != prompts[group]:  # pooled TP requests came back misaligned
                 raise RuntimeError(f"vLLM answered prompt {group} with another prompt's completions")
             for completion in sorted(out.outputs, key=lambda c: c.index):
-                rollouts.append(self.tags.finish(group, prompts[group], list(completion.token_ids)))
+                behaviour = [entry[tok].logprob for tok, entry in zip(completion.token_ids, completion.logprobs)]
+                rollouts.append(self.tags.finish(group, prompts[group], list(completion.token_ids), behaviour))
         return rollouts
 
     def push_weights(self, weights: Iterable[list[tuple[str, torch.Tensor]]]) -> None:

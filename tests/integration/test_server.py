@@ -109,6 +109,24 @@ def test_server_draws_the_thoughts_the_in_process_engine_draws(server, tiny_mode
         remote.close()
 
 
+def test_server_reports_the_logprobs_it_sampled_from(server, tiny_model_dir, tokenizer):
+    """Behaviour log-probs over HTTP (the server runs in processed_logprobs mode): the in-process
+    engine's for the same thoughts, at temperature 0.8 and top-p 0.9."""
+    remote = server_sampler(server, tokenizer)
+    local = make_sampler("vllm", str(tiny_model_dir), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
+    try:
+        spec = SamplingSpec(n=3, max_tokens=6, temperature=0.8, top_p=0.9, seed=4)
+        prompts = prompts_of(tokenizer, remote.tags)
+        ours, theirs = remote.sample(prompts, spec), local.sample(prompts, spec)
+        assert [r.thought_ids for r in ours] == [r.thought_ids for r in theirs]
+        for a, b in zip(ours, theirs):
+            assert len(a.behaviour_logprobs) == a.n_sampled
+            assert max(abs(x - y) for x, y in zip(a.behaviour_logprobs, b.behaviour_logprobs)) < 1e-4
+    finally:
+        local.close()
+        remote.close()
+
+
 def test_weights_pushed_over_gloo_reach_the_server(server, tiny_model_dir, tokenizer):
     sampler = server_sampler(server, tokenizer)
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)

@@ -1,6 +1,7 @@
 """The update's forward passes on CPU under the conditions of GPU runs (bf16 autocast)."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -32,3 +33,66 @@ def test_kl_reference_runs_under_the_policy_autocast(tiny_model_dir):
     stats = update_policy(engine, ref, scored.batch, scored.thought_logprobs, advantages,
                           torch.ones(len(rollouts), dtype=torch.bool), cfg, None)
     assert stats["loss/kl"] == 0.0
+
+
+def update_once(policy, scored, rewards, rollouts, *overrides, behaviour=None):
+    from rntp import grpo
+    from rntp.config import load_config
+    from rntp.distributed import DistInfo, Engine
+    from rntp.train import update_policy
+
+    cfg = load_config(None, ["train.micro_batch=16", "rollout.group_size=4", "train.positions_per_step=4",
+                             *overrides])
+    advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group")
+    engine = Engine(policy.train(), cfg, DistInfo(), 1, total_steps=1)
+    return update_policy(engine, None, scored.batch, scored.thought_logprobs, advantages,
+                         torch.ones(len(rollouts), dtype=torch.bool), cfg, None, behaviour=behaviour)
+
+
+def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
+    """Scoring (cached context, eval) and the update (full sequences) differ by bf16 noise; with one
+    epoch the ratio takes its old log-probs from the update's own forward, so nothing is clipped even
+    with a clip range far below that noise. Two epochs anchor to scoring and do clip."""
+    from rewards import score_groups
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
+    tight = ["model.autocast_bf16=true", "grpo.clip_low=1e-5", "grpo.clip_high=1e-5"]
+    scored = score_groups(policy.eval(), contexts, rollouts, targets, 0, 16, autocast=True)
+    assert update_once(policy, scored, rewards, rollouts, *tight)["loss/clip_frac"] == 0.0
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert update_once(policy, scored, rewards, rollouts, *tight, "grpo.epochs=2")["loss/clip_frac"] > 0
+
+
+def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_dir, tokenizer):
+    """Sampling at temperature 0.7 while the trainer believes 1.0: the mismatch metrics rise, and the
+    update's importance weights are min(exp(trainer - sampler), C), computed here independently."""
+    from rewards import score_groups
+    from rntp import grpo
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tags = ThinkTags(tokenizer)
+    contexts = [tokenizer.encode(t, add_special_tokens=False) for t in
+                ("The value returned by the function is", "Each line of the file", "A list of names")]
+    sampler = make_sampler("hf", str(tiny_model_dir), tags, policy=policy)
+    rollouts = sampler.sample([tags.prompt(c) for c in contexts], SamplingSpec(n=4, max_tokens=6, temperature=0.7,
+                                                                               seed=3))
+    targets = [tokenizer.encode(" of the module.", add_special_tokens=False)[:3]] * 3
+    matched = score_groups(policy.eval(), contexts, rollouts, targets, 0, 16, temperature=0.7)
+    believed = score_groups(policy, contexts, rollouts, targets, 0, 16)  # the trainer at temperature 1.0
+    mask = matched.batch.thought_mask
+    assert grpo.mismatch_stats(matched.thought_logprobs, matched.behaviour_logprobs, mask)["max_abs_log_ratio"] < 1e-4
+    off = grpo.mismatch_stats(believed.thought_logprobs, believed.behaviour_logprobs, mask)
+    assert off["mean_abs_log_ratio"] > 0.03 and off["kl_k3"] > 1e-3
+
+    deltas = [t - b for i, r in enumerate(rollouts) for t, b in
+              zip(believed.thought_logprobs[i][mask[i]].double().tolist(), r.behaviour_logprobs)]
+    expected_weight = sum(min(math.exp(d), 1.1) for d in deltas) / len(deltas)
+    expected_capped = sum(math.exp(d) > 1.1 for d in deltas) / len(deltas)
+    rewards = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0))
+    out = update_once(policy, believed, rewards, rollouts, "grpo.mismatch_correction=token_tis", "grpo.is_cap=1.1",
+                      behaviour=believed.behaviour_logprobs)
+    assert out["mismatch/is_weight_mean"] == pytest.approx(expected_weight, rel=1e-4)
+    assert out["mismatch/corrected_frac"] == pytest.approx(expected_capped, abs=1e-9)
+    assert 0 < expected_capped < 1

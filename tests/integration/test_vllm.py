@@ -148,6 +148,31 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
     assert differs > 1e-2  # log-probs at temperature 1 are not what was sampled from
 
 
+@pytest.mark.parametrize("which", ["vllm_sampler", "hf_sampler"])
+def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_model_dir, tokenizer):
+    """Behaviour log-probs come with each sample (not a second pass) and, with the trainer's weights
+    in fp32, equal the trainer's log-probs under the same temperature and top-p (within 1e-4)."""
+    from rewards.scoring import score_groups
+    from rollout.spans import pad_id_of
+
+    sampler = request.getfixturevalue(which)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    sampler.push_weights(WeightStream.of_module(policy))  # earlier tests pushed other weights
+    if which == "hf_sampler":
+        policy = sampler.model
+    tags = sampler.tags
+    contexts = [tokenizer.encode(t, add_special_tokens=False) for t in
+                ("The value returned by the function is", "Each line of the file")]
+    spec = SamplingSpec(n=3, max_tokens=6, temperature=0.8, top_p=0.9, seed=9)
+    rollouts = sampler.sample([tags.prompt(c) for c in contexts], spec)
+    assert all(len(r.behaviour_logprobs) == r.n_sampled for r in rollouts)
+    scored = score_groups(policy, contexts, rollouts, [[284, 262, 1171]] * 2, pad_id_of(tokenizer), 8,
+                          temperature=0.8, top_p=0.9)
+    mask = scored.batch.thought_mask
+    gap = (scored.thought_logprobs[mask] - scored.behaviour_logprobs[mask]).abs().max().item()
+    assert gap < 1e-4
+
+
 # Last in this file: it starts and closes a second engine in this process, and closing an engine
 # tears down vLLM's process-wide parallel state that the module's engine also uses.
 @pytest.mark.slow

@@ -133,3 +133,79 @@ def test_pooled_std_equals_the_unbiased_std_of_the_pieces():
                                                             lambda p: float((p**2).sum())))
     assert grpo.pooled_std(n, total, squares) == pytest.approx(float(x.std()), rel=1e-12)
     assert grpo.pooled_std(1, 3.0, 9.0) == 0.0
+
+
+def reference_weights(log_ratio, mask, mode, cap, band):
+    """float64 loops over thoughts and tokens: the correction as the config describes it."""
+    out, flagged = [], []
+    for row, m in zip(log_ratio.double().tolist(), mask.tolist()):
+        kept = [x for x, on in zip(row, m) if on]
+        product = math.exp(sum(kept))
+        geo = math.exp(sum(kept) / max(len(kept), 1))
+        w_row, f_row = [], []
+        for x, on in zip(row, m):
+            if not on:
+                w_row.append(0.0)
+                f_row.append(False)
+            elif mode == "token_tis":
+                w_row.append(min(math.exp(x), cap))
+                f_row.append(math.exp(x) > cap)
+            elif mode == "seq_tis":
+                w_row.append(min(product, cap))
+                f_row.append(product > cap)
+            elif mode == "token_mask":
+                inside = band[0] <= math.exp(x) <= band[1]
+                w_row.append(1.0 if inside else 0.0)
+                f_row.append(not inside)
+            elif mode == "seq_mask":
+                inside = band[0] <= geo <= band[1]
+                w_row.append(1.0 if inside else 0.0)
+                f_row.append(not inside)
+            else:
+                w_row.append(1.0)
+                f_row.append(False)
+        out.append(w_row)
+        flagged.append(f_row)
+    return torch.tensor(out, dtype=torch.float64), torch.tensor(flagged)
+
+
+@pytest.mark.parametrize("mode", ["none", "token_tis", "seq_tis", "token_mask", "seq_mask"])
+def test_importance_weights_match_a_float64_loop(mode):
+    gen = torch.Generator().manual_seed(3)
+    offset = torch.tensor([-1.0, -0.3, 0.0, 0.1, 0.9, 0.0], dtype=torch.float64)[:, None]  # whole thoughts off
+    log_ratio = torch.randn(6, 9, generator=gen, dtype=torch.float64) * 0.4 + offset
+    mask = torch.rand(6, 9, generator=gen) > 0.3
+    mask[5] = False  # a thought with no sampled token
+    weights, flagged = grpo.importance_weights(log_ratio, mask, mode, cap=1.5, band=(0.6, 1.8))
+    ref_w, ref_f = reference_weights(log_ratio, mask, mode, 1.5, (0.6, 1.8))
+    torch.testing.assert_close(weights, ref_w, rtol=1e-12, atol=1e-12)
+    assert torch.equal(flagged, ref_f)
+    if mode != "none":
+        assert flagged.any() and (~flagged & mask).any()  # the band and cap bite here, and not everywhere
+
+
+def test_importance_weights_worked_numbers():
+    log_ratio = torch.tensor([[math.log(3.0), math.log(0.5), 0.0]])
+    mask = torch.tensor([[True, True, False]])
+    w, _ = grpo.importance_weights(log_ratio, mask, "token_tis", cap=2.0)
+    assert w.tolist() == [[2.0, 0.5, 0.0]]
+    w, _ = grpo.importance_weights(log_ratio, mask, "seq_tis", cap=2.0)  # product 1.5
+    torch.testing.assert_close(w, torch.tensor([[1.5, 1.5, 0.0]]))
+    w, f = grpo.importance_weights(log_ratio, mask, "token_mask", band=(0.6, 2.5))
+    assert w.tolist() == [[0.0, 0.0, 0.0]] and f.tolist() == [[True, True, False]]
+    w, _ = grpo.importance_weights(log_ratio, mask, "seq_mask", band=(0.6, 2.5))  # geometric mean 1.22
+    assert w.tolist() == [[1.0, 1.0, 0.0]]
+
+
+def test_mismatch_stats_against_a_loop():
+    gen = torch.Generator().manual_seed(4)
+    trainer, behaviour = -torch.rand(3, 5, generator=gen) * 3, -torch.rand(3, 5, generator=gen) * 3
+    mask = torch.rand(3, 5, generator=gen) > 0.4
+    stats = grpo.mismatch_stats(trainer, behaviour, mask)
+    deltas = [t - b for tr, br, mr in zip(trainer.tolist(), behaviour.tolist(), mask.tolist())
+              for t, b, m in zip(tr, br, mr) if m]
+    assert stats["mean_abs_log_ratio"] == pytest.approx(sum(abs(d) for d in deltas) / len(deltas), rel=1e-6)
+    assert stats["max_abs_log_ratio"] == pytest.approx(max(abs(d) for d in deltas), rel=1e-6)
+    assert stats["kl_k3"] == pytest.approx(sum(math.exp(d) - 1 - d for d in deltas) / len(deltas), rel=1e-6)
+    assert stats["kl_k3"] > 0
+    assert grpo.mismatch_stats(trainer, trainer, mask)["kl_k3"] == 0.0
