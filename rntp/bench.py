@@ -73,7 +73,9 @@ def mismatch(args, cfg, rows: list[dict], step_s: float) -> None:
               f"{med('mismatch/is_weight_mean'):.4f}, corrected {100 * med('mismatch/corrected_frac'):.2f}% of tokens")
 
     print(f"\n== sampler/trainer mismatch ({cfg.grpo.mismatch_correction}, C={cfg.grpo.is_cap}) ==")
-    show(f"sampler {cfg.rollout.vllm.dtype}, trainer {cfg.model.dtype}", rows)
+    from rollout.base import engine_dtype
+
+    show(f"sampler {engine_dtype(cfg.model.dtype, cfg.rollout.vllm)}, trainer {cfg.model.dtype}", rows)
     if cfg.rollout.sampler != "hf":
         with tempfile.TemporaryDirectory() as tmp:
             bf16 = load_config(args.config, [*args.overrides, f"run_dir={tmp}/run", "train.steps=3",
