@@ -34,7 +34,7 @@ def info_gain(x: RewardInputs) -> torch.Tensor:
 
 
 def _k(x: RewardInputs) -> int:
-    return max(1, min(getattr(x.options, "k", 1), x.target_ids.shape[1]))
+    return max(1, min(x.options.k, x.target_ids.shape[1]))
 
 
 @register_reward("next_token_accuracy", "r = (1/k) sum_{h<k} 1[argmax p(. | x, z, y_<h) = y_h]")
@@ -112,9 +112,7 @@ def vrcli(x: RewardInputs) -> torch.Tensor:
     reasoning trace by how much it lowers a frozen model's perplexity of the reference and maps the
     improvement to a few reward levels. Use with reward.baseline=initial. The steps are
     `reward.vrcli_thresholds` -> `reward.vrcli_values` (ours by default, not the paper's)."""
-    opts = x.options
-    thresholds = getattr(opts, "vrcli_thresholds", [0.05, 0.1, 0.2])
-    values = getattr(opts, "vrcli_values", [0.5, 0.9, 1.0])
+    thresholds, values = x.options.vrcli_thresholds, x.options.vrcli_values
     horizon = x.target_ids.shape[1]
     improvement = 1 - torch.exp((x.no_think_logprobs.sum(-1) - x.target_logprobs.sum(-1)) / horizon)
     reward = torch.zeros_like(improvement)

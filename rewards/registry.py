@@ -15,14 +15,17 @@ any reward through `reward.*` config keys and `apply_reward_config`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
+from rntp.config import RewardConfig
 
-@dataclass
+
+@dataclass(kw_only=True)
 class RewardInputs:
-    """Everything a reward may use, one row per thought (N = positions x G)."""
+    """Everything a reward may use, one row per thought (N = positions x G). Keyword-only: eleven
+    fields of similar shapes are too easy to pass in the wrong order."""
 
     target_ids: torch.Tensor  # [N, H] the true continuation
     target_logprobs: torch.Tensor  # [N, H] log p(y_h | context, thought, y_<h) under the policy
@@ -33,7 +36,7 @@ class RewardInputs:
     group: torch.Tensor  # [N] position index
     token_bytes: Callable[[int], bytes] = lambda i: b""  # UTF-8 bytes a token stands for
     decode: Callable[[list[int]], str] = lambda ids: ""
-    options: Any = None  # the run's RewardConfig (k, thresholds, ...)
+    options: RewardConfig = field(default_factory=RewardConfig)  # the run's reward.* (k, thresholds, ...)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -72,12 +75,12 @@ def get_reward(name: str) -> RewardSpec:
     return REWARDS[name]
 
 
-def reward_names(cfg) -> list[str]:
+def reward_names(cfg: RewardConfig) -> list[str]:
     """The rewards a RewardConfig uses (the weighted terms, else the single name), after importing
     `cfg.modules` so that rewards registered there exist."""
     import importlib
 
-    for module in getattr(cfg, "modules", []):
+    for module in cfg.modules:
         importlib.import_module(module)
     return list(cfg.weights) if cfg.weights else [cfg.name]
 
@@ -89,7 +92,7 @@ def compute_rewards(name: str, inputs: RewardInputs) -> torch.Tensor:
     return rewards
 
 
-def apply_reward_config(cfg, inputs: RewardInputs) -> torch.Tensor:
+def apply_reward_config(cfg: RewardConfig, inputs: RewardInputs) -> torch.Tensor:
     """The configured reward: a weighted sum of registered rewards (or one), minus a penalty
     per sampled thought token, then clipped. NaN stays NaN so its group is dropped."""
     if cfg.weights:

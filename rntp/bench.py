@@ -73,7 +73,7 @@ def mismatch(args, cfg, rows: list[dict], step_s: float) -> None:
               f"{med('mismatch/is_weight_mean'):.4f}, corrected {100 * med('mismatch/corrected_frac'):.2f}% of tokens")
 
     print(f"\n== sampler/trainer mismatch ({cfg.grpo.mismatch_correction}, C={cfg.grpo.is_cap}) ==")
-    from rollout.base import engine_dtype
+    from rollout.vllm_utils import engine_dtype
 
     show(f"sampler {engine_dtype(cfg.model.dtype, cfg.rollout.vllm)}, trainer {cfg.model.dtype}", rows)
     if cfg.rollout.sampler != "hf":
@@ -102,7 +102,7 @@ def sampler_ratio(cfg, repeats: int) -> None:
     from rntp.data import PositionStream
     from rntp.prepare import resolve_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
-    from rollout.base import vllm_available
+    from rollout.vllm_utils import vllm_available
 
     if cfg.rollout.sampler == "hf" or not vllm_available():
         print("sampler ratio: skipped (vLLM not in use)")
@@ -152,7 +152,7 @@ def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
     from rntp.prepare import resolve_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
     from rollout.base import WeightStream
-    from rollout.server import free_port
+    from rollout.net import free_port
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

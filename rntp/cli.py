@@ -105,9 +105,8 @@ def main(argv: list[str] | None = None) -> int:
 
             from transformers import AutoTokenizer
 
-            from rntp.config import load_config
+            from rntp.config import load_config, max_sequence_len
             from rntp.prepare import resolve_model_path
-            from rntp.train import max_sequence_len
             from rollout import ThinkTags
             from rollout.server import serve_command
 

@@ -7,10 +7,13 @@ forbids unknown keys, so a typo is a clear error before any model loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from rollout.spans import ThinkTags
 
 
 class Section(BaseModel):
@@ -292,3 +295,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
+    """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
+    return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
+                                              cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from rewards import next_token_entropy, score_groups
+from rntp.scoring import next_token_entropy, score_groups
 from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
@@ -99,8 +99,8 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         chunk = evalset.positions[b : b + e.batch_positions]
         spec = SamplingSpec(e.thoughts, budget, e.temperature, 1.0, seed=e.seed * 1_000_003 + b)
         rollouts = sampler.sample([tags.prompt(p.context) for p in chunk], spec)
-        scored = score_groups(model, [p.context for p in chunk], rollouts, [p.target for p in chunk], pad_id,
-                              cfg.train.micro_batch, cfg.model.autocast_bf16)
+        scored = score_groups(model, [p.context for p in chunk], rollouts, [p.target for p in chunk],
+                              pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
         think.append(scored.target_logprobs.sum(-1).view(len(chunk), e.thoughts).double())
         plain.append(scored.no_think_logprobs.sum(-1).double())
         hits_think.append(scored.target_greedy.float().mean(-1).view(len(chunk), e.thoughts))
@@ -170,7 +170,7 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
     from transformers import AutoTokenizer
 
     from rntp.prepare import resolve_model_path
-    from rntp.train import load_policy
+    from rntp.models import load_policy
     from rollout import make_sampler
 
     models = discover(model_paths)  # every path is checked before any model loads

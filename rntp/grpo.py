@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+Reduce = Callable[[list[float]], list[float]]  # sums a list of floats over ranks (all_reduce_sum)
+
+
+def local_sum(values: list[float]) -> list[float]:
+    """The `reduce` of a single process: the values as they are."""
+    return values
 
 
 def finite_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
@@ -15,21 +23,67 @@ def finite_groups(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
     return ~bad[group]
 
 
-def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "group",
-                     eps: float = 1e-6) -> torch.Tensor:
+def group_advantages(rewards: torch.Tensor, group: torch.Tensor, scale: str = "group", eps: float = 1e-6, *,
+                     reduce: Reduce = local_sum) -> torch.Tensor:
     """A_i = r_i - mean(r in i's group), divided by the group's std ("group", GRPO), the batch
-    std of those differences ("batch"), or nothing ("none", Dr. GRPO). Std is unbiased."""
-    n_groups = int(group.max()) + 1
-    counts = torch.bincount(group, minlength=n_groups).to(rewards.dtype)
-    mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, rewards) / counts
-    centred = rewards - mean[group]
+    std of those differences ("batch"), or nothing ("none", Dr. GRPO). Std is unbiased.
+
+    The batch std comes from a count, a sum and a sum of squares passed through `reduce`; under
+    torchrun `rntp.distributed.all_reduce_sum` makes it the std over every rank's batch (every rank
+    must then call, even with no rows)."""
+    if scale not in ("group", "batch", "none"):
+        raise ValueError(f"unknown advantage scale {scale!r}")
+    if rewards.numel() == 0:
+        centred = rewards
+    else:
+        n_groups = int(group.max()) + 1
+        counts = torch.bincount(group, minlength=n_groups).to(rewards.dtype)
+        mean = torch.zeros(n_groups, dtype=rewards.dtype).index_add_(0, group, rewards) / counts
+        centred = rewards - mean[group]
     if scale == "none":
         return centred
     if scale == "group":
-        return centred / (group_std(rewards, group)[group] + eps)
-    if scale == "batch":
-        return centred / (pooled_std(centred.numel(), float(centred.sum()), float((centred**2).sum())) + eps)
-    raise ValueError(f"unknown advantage scale {scale!r}")
+        return centred / (group_std(rewards, group)[group] + eps) if rewards.numel() else centred
+    std = pooled_std(*reduce([float(centred.numel()), float(centred.sum()), float((centred**2).sum())]))
+    return centred / (std + eps)
+
+
+@dataclass
+class Advantages:
+    """What the update needs from a batch's rewards: one advantage per thought, which thoughts it
+    keeps, and how many groups this batch dropped and why."""
+
+    values: torch.Tensor  # [N], 0 for dropped thoughts
+    keep: torch.Tensor  # [N] bool
+    dropped_nonfinite: int  # groups with a NaN/inf reward
+    dropped_low_spread: int  # groups whose reward std is at most min_group_std (dynamic sampling)
+
+
+def advantages(rewards: torch.Tensor, group: torch.Tensor, *, scale: str = "group", min_group_std: float = 0.0,
+               drop_negative: bool = False, reduce: Reduce = local_sum, eps: float = 1e-6) -> Advantages:
+    """Group-relative advantages of one batch, as the update uses them.
+
+    1. A group with a NaN/inf reward is dropped whole (`finite_groups`).
+    2. Dynamic sampling on spread: with `min_group_std` > 0, so is a group whose reward std is at
+       most that (rewards are continuous: spread, not an all-equal test).
+    3. The kept groups' advantages by `group_advantages` (`scale`; "batch" over every rank through
+       `reduce`).
+    4. `drop_negative` clamps them at 0 (Quiet-STaR keeps only thoughts that beat their group).
+    """
+    n_groups = len(torch.unique(group))
+    keep = finite_groups(rewards, group)
+    dropped_nonfinite = n_groups - len(torch.unique(group[keep]))
+    dropped_low_spread = 0
+    if min_group_std > 0 and keep.any():
+        spread = group_std(torch.where(keep, rewards, 0.0), group) > min_group_std
+        dropped_low_spread = len(torch.unique(group[~spread[group] & keep]))
+        keep &= spread[group]
+    values = torch.zeros_like(rewards)
+    _, kept_group = torch.unique(group[keep], return_inverse=True)
+    values[keep] = group_advantages(rewards[keep], kept_group, scale, eps, reduce=reduce)
+    if drop_negative:
+        values = values.clamp(min=0)
+    return Advantages(values, keep, dropped_nonfinite, dropped_low_spread)
 
 
 def pooled_std(n: float, total: float, squares: float) -> float:

@@ -9,6 +9,7 @@ import resource
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -35,6 +36,46 @@ def peak_memory_gb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+Reduction = Literal["mean", "sum", "max"]
+
+
+class MetricsRow:
+    """One step's metrics on one rank, each with how it combines across ranks, declared where the
+    metric is added: `row.add({...})` means over ranks, `row.add({...}, "sum")` adds them up (counts,
+    throughputs), `row.add({...}, "max")` keeps the largest (times, memory, worst-case gaps)."""
+
+    def __init__(self):
+        self.values: dict[str, object] = {}
+        self.reductions: dict[str, Reduction] = {}
+
+    def add(self, metrics: dict, reduce: Reduction = "mean") -> "MetricsRow":
+        for key, value in metrics.items():
+            self.values[key] = value
+            self.reductions[key] = reduce
+        return self
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+
+def reduce_rows(rows: list[MetricsRow]) -> dict:
+    """One metrics row from every rank's row (rank 0's keys), each key by its declared reduction.
+    A key no rank gave a number for keeps rank 0's value."""
+    out = {}
+    first = rows[0]
+    for key in first.values:
+        values = [r.values[key] for r in rows if r.values.get(key) is not None]
+        if not values or not all(isinstance(v, (int, float)) for v in values):
+            out[key] = first.values[key]
+        elif first.reductions[key] == "sum":
+            out[key] = sum(values)
+        elif first.reductions[key] == "max":
+            out[key] = max(values)
+        else:
+            out[key] = sum(values) / len(values)
+    return out
 
 
 def _clean(value):

@@ -16,7 +16,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from rntp.config import Config
-from rntp.distributed import DistInfo, deepspeed_config, init_process_group, resolve_backend, shard_fsdp2
+from rntp.distributed import DistInfo, init_process_group
+from rntp.engines import deepspeed_config, resolve_backend, shard_fsdp2
 
 
 def torch_dtype(cfg: Config) -> torch.dtype:

@@ -1,9 +1,11 @@
-"""The RNTP training loop.
+"""The RNTP training loop: the seven steps of the README's "What one step does".
 
-One step: positions -> sample G thoughts each -> fused scoring (old log-probs of the thought
-and log-probs of the true continuation, one forward) -> rewards -> group advantages ->
-clipped loss on thought tokens -> optimizer step -> push weights to the sampler ->
-metrics / checkpoint.
+    positions -> sample G thoughts each -> score (old log-probs of the thought and log-probs of the
+    true continuation, one fused forward) -> reward -> group advantages -> update (clipped loss on
+    thought tokens, optimizer step) -> sync (weights to the sampler) -> log / checkpoint
+
+`train` reads as those steps; each is a function below it. `start_run` builds what they share
+(model, engine, sampler, data, logs) once.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import json
 import logging
 import random
 import signal
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import IO, Callable
 
 import numpy as np
 import torch
@@ -22,28 +26,28 @@ import yaml
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
-                     reward_names, score_groups, token_logprobs)
-from rewards.scoring import policy_logprobs
+from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rewards.scoring import SequenceBatch
 from rntp import grpo
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from rntp.config import Config
-from rntp.data import PositionStream
-from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
-from rntp.evaluate import build_eval_set, evaluate_policy
-from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
+from rntp.config import Config, max_sequence_len
+from rntp.data import Position, PositionStream
+from rntp.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
+from rntp.engines import Engine, engine_class, make_engine
+from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy
+from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_trainable
 from rntp.prepare import resolve_model_path
-from rollout import SamplingSpec, ThinkTags, make_sampler
+from rntp.scoring import (Scored, SequenceBatch, no_think_logprobs, policy_logprobs, position_entropies, score_groups,
+                          token_logprobs)
+from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
 
 log = logging.getLogger(__name__)
 
 
-def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  keep: torch.Tensor, cfg: Config, micro_steps: int | None, *,
+def update_policy(engine: Engine, *, ref: torch.nn.Module | None, batch: SequenceBatch, old_logp: torch.Tensor,
+                  advantages: torch.Tensor, keep: torch.Tensor, cfg: Config,
                   behaviour: torch.Tensor | None = None) -> dict:
     """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept rows of a batch.
 
@@ -53,9 +57,9 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
     the mismatch correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
 
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
-    the world size because every backend averages gradients across ranks. With `micro_steps`
-    set, every rank runs exactly that many forward/backward passes per optimizer step (sharded
-    backends and DeepSpeed's accumulation need it), padding with a fully masked row.
+    the world size because every backend averages gradients across ranks. Where the engine asks for
+    `fixed_passes` (several ranks, DeepSpeed's accumulation), every rank runs exactly that many
+    forward/backward passes per optimizer step, padding with a fully masked row.
     """
     g = cfg.grpo
     device, world = engine.info.device, engine.info.world_size
@@ -65,7 +69,7 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
                                                   float(kept.target_mask.sum())])
     norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
     size = cfg.train.micro_batch
-    passes = micro_steps or -(-len(kept) // size)
+    passes = engine.fixed_passes or -(-len(kept) // size)
     stats = torch.zeros(6, dtype=torch.float64)  # policy loss, nll, kl, clipped, IS weight sum, corrected
     grad_norm = float("nan")
     for _ in range(g.epochs):
@@ -122,15 +126,6 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
     return out
 
 
-SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time, memory and sync take the max
-
-
-def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
-    """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
-    return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
-                                              cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)
-
-
 def make_ema(policy) -> torch.nn.Module:
     """The EMA teacher: a frozen float32 copy of the policy. float32 whatever the policy's dtype,
     since a step of 1 - decay (0.001) is below bfloat16's resolution and would never move it."""
@@ -159,23 +154,6 @@ def sampler_sync_error(sampler, engine: Engine, rollout, target: list[int]) -> f
     return float((theirs - ours).abs().max())
 
 
-def reduce_rows(rows: list[dict]) -> dict:
-    """One metrics row from every rank's row: sums for counts and throughput, max for time and
-    memory, mean for the rest."""
-    out = {}
-    for key in rows[0]:
-        values = [r[key] for r in rows if r.get(key) is not None]
-        if not values or not all(isinstance(v, (int, float)) for v in values):
-            out[key] = rows[0][key]
-        elif key.startswith(SUMMED):
-            out[key] = sum(values)
-        elif key.startswith(("time/", "memory/", "sync/", "mismatch/max_")):
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
-
-
 class StopRequest:
     """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit warnings) ask the loop to checkpoint and
     leave at the end of the current step; any rank's request stops every rank."""
@@ -201,7 +179,72 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Run:
+    """What the steps share, built once by `start_run`."""
+
+    cfg: Config
+    info: DistInfo
+    run_dir: Path
+    tokenizer: object
+    tags: ThinkTags
+    pad_id: int
+    token_bytes: Callable[[int], bytes]
+    stream: PositionStream
+    engine: Engine
+    sampler: Sampler
+    initial: torch.nn.Module | None  # frozen initial model: KL reference, "initial" baseline, entropy filter
+    ema: torch.nn.Module | None  # the EMA teacher (reward.baseline=ema)
+    baseline_model: torch.nn.Module | None  # gives the no-think score s0 when it is not the policy
+    evalset: EvalSet | None
+    positions_per_rank: int
+    start_step: int
+    config_yaml: str
+    metrics: MetricsLogger | None = None  # rank 0
+    samples_file: IO | None = None  # rank 0
+    dropped_nonfinite: int = 0  # groups dropped so far (cumulative metrics)
+    dropped_low_spread: int = 0
+
+
 def train(cfg: Config) -> Path:
+    run = start_run(cfg)
+    stop = StopRequest()
+    bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
+               disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True)
+    for step in bar:
+        timer = PhaseTimer()
+        positions = run.stream.take(run.positions_per_rank)                      # positions
+        with timer("sample"):
+            rollouts = sample(run, positions, step)                              # sample
+        with timer("score"):
+            scored = score(run, positions, rollouts)                             # score
+        rewards, baseline = reward(run, positions, rollouts, scored)              # reward
+        adv = advantage(run, rewards, rollouts)                                  # advantage
+        with timer("update"):
+            update, lr = update_step(run, scored, adv)                           # update
+        with timer("sync"):
+            sync_diff = sync(run, step, positions, rollouts)                     # sync
+        row = metrics_row(run, positions=positions, rollouts=rollouts, scored=scored, rewards=rewards,   # log
+                          baseline=baseline, adv=adv, update=update, lr=lr, timer=timer, sync_diff=sync_diff)
+        if run.evalset is not None and step % cfg.eval.every == 0:
+            with timer("eval"):
+                result = evaluate_policy(run.engine.model, run.sampler, run.tags, run.evalset, cfg, progress=False)
+            row.add({f"eval/{k}": v for k, v in result["metrics"].items()})
+            row.add({"time/eval": timer.seconds["eval"]}, "max")
+        log_step(run, step, reduce_rows(all_gather_object(row)), positions, rollouts, rewards, bar)
+        stopping = stop.any_rank()
+        if step == cfg.train.steps or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            checkpoint(run, step)
+        if stopping:
+            log.warning("stopped at step %d on request; resume with resume=%s", step, run.run_dir)
+            break
+    stop.restore()
+    return finish_run(run)
+
+
+def start_run(cfg: Config) -> Run:
+    """Process group, model (sharded as the backend wants), frozen copies, tokenizer, data, engine,
+    evaluation set, resumed state, sampler and logs."""
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,22 +263,17 @@ def train(cfg: Config) -> Path:
 
     # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    pad_id = pad_id_of(tokenizer)
-    G = cfg.rollout.group_size
-    passes = -(-positions_per_rank * G // cfg.train.micro_batch)
-    fixed_passes = passes if info.world_size > 1 or cfg.dist.backend == "deepspeed" else None
+    passes = -(-positions_per_rank * cfg.rollout.group_size // cfg.train.micro_batch)  # micro-batches per step
     policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
     policy.train()
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
     # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
     needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
-    sharded = cfg.dist.backend == "fsdp2" or (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage == 3)
+    sharded = engine_class(cfg, info.world_size).shards_weights(cfg)
     ema = make_ema(load_policy(model_path, cfg, info.device) if sharded else policy) \
         if cfg.reward.baseline == "ema" else None
-    baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
-    token_bytes = token_bytes_fn(tokenizer)
     stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
                             entropy_fn=(lambda ids: position_entropies(initial, ids)) if initial is not None else None)
     # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
@@ -243,7 +281,7 @@ def train(cfg: Config) -> Path:
         else None
 
     # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
-    engine = Engine(policy, cfg, info, passes, cfg.train.steps)
+    engine = make_engine(policy, cfg, info, passes, cfg.train.steps)
     evalset = None
     if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
@@ -266,166 +304,184 @@ def train(cfg: Config) -> Path:
 
     # The sampler: vLLM in-process where installed (one engine per rank or TP group), separately
     # started vLLM servers, or transformers.
-    max_len = max_sequence_len(cfg, tags)
     sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=sampler_model or policy,
-                           dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_len,
+                           dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_sequence_len(cfg, tags),
                            vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
     if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
-    config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    metrics = samples_file = None
+    run = Run(cfg, info, run_dir, tokenizer, tags, pad_id_of(tokenizer), token_bytes_fn(tokenizer), stream, engine,
+              sampler, initial, ema, {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline], evalset,
+              positions_per_rank, start_step, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if info.is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-        metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
-                                project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
-        samples_file = open(run_dir / "samples.jsonl", "a")
-    stop = StopRequest()
-    dropped_groups = dropped_low_spread = 0
-    bar = tqdm(range(start_step + 1, cfg.train.steps + 1), initial=start_step, total=cfg.train.steps,
-               disable=not (cfg.log.progress and info.is_main), desc="train", dynamic_ncols=True)
-    step = start_step
-    for step in bar:
-        timer = PhaseTimer()
-        positions = stream.take(positions_per_rank)
+        (run_dir / "config.yaml").write_text(run.config_yaml)
+        run.metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
+                                    project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
+        run.samples_file = open(run_dir / "samples.jsonl", "a")
+    return run
 
-        # 1. Sample G thoughts per position.
-        with timer("sample"):
-            spec = SamplingSpec(G, cfg.rollout.max_thought_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                seed=(cfg.train.seed * 100_003 + step) * 1009 + info.rank)
-            rollouts = sampler.sample([tags.prompt(p.context) for p in positions], spec)
-            sampler.sleep()  # a colocated engine frees its accelerator memory for scoring and update
 
-        # 2. Score: one pass gives the no-think score, the thoughts' old log-probs and the reward.
-        with timer("score"):
-            engine.train(False)
-            targets = [p.target for p in positions]
-            scored = score_groups(engine.model, [p.context for p in positions], rollouts, targets, pad_id,
-                                  cfg.train.micro_batch, cfg.model.autocast_bf16,
-                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-            no_think = scored.no_think_logprobs
-            engine.train(True)
+def sample(run: Run, positions: list[Position], step: int) -> list[Rollout]:
+    """1. G thoughts per position, seeded by run seed, step and rank."""
+    r = run.cfg.rollout
+    spec = SamplingSpec(r.group_size, r.max_thought_tokens, r.temperature, r.top_p,
+                        seed=(run.cfg.train.seed * 100_003 + step) * 1009 + run.info.rank)
+    rollouts = run.sampler.sample([run.tags.prompt(p.context) for p in positions], spec)
+    run.sampler.sleep()  # a colocated engine frees its accelerator memory for scoring and update
+    return rollouts
 
-        # 3. Rewards and group-relative advantages. A group with a NaN/inf reward is dropped whole;
-        #    with dynamic sampling, so is a group whose rewards barely differ.
-        group = torch.tensor([r.group for r in rollouts])
-        closed = torch.tensor([r.closed for r in rollouts])
-        if baseline_model is not None:
-            baseline = no_think_logprobs(baseline_model, [p.context for p in positions], targets, pad_id,
-                                         cfg.train.micro_batch, cfg.model.autocast_bf16)
-        else:
-            baseline = no_think
-        inputs = RewardInputs(scored.target_ids, scored.target_logprobs, baseline[group], scored.target_pred,
-                              [r.thought_ids[: r.n_sampled] for r in rollouts], closed, group,
-                              token_bytes=token_bytes, decode=tokenizer.decode, options=cfg.reward)
-        rewards = apply_reward_config(cfg.reward, inputs)
-        keep = grpo.finite_groups(rewards, group)
-        dropped_groups += len(positions) - len(set(group[keep].tolist()))
-        if cfg.grpo.min_group_std > 0 and keep.any():
-            spread = grpo.group_std(torch.where(keep, rewards, 0.0), group) > cfg.grpo.min_group_std
-            dropped_low_spread += int((~spread[group] & keep).sum()) // G
-            keep &= spread[group]
-        advantages = torch.zeros_like(rewards)
-        if keep.any():
-            _, kept_group = torch.unique(group[keep], return_inverse=True)
-            scale = cfg.grpo.advantage_scale
-            advantages[keep] = grpo.group_advantages(rewards[keep], kept_group, "none" if scale == "batch" else scale)
-        if cfg.grpo.advantage_scale == "batch":  # the std of the whole batch, across ranks
-            std = grpo.pooled_std(*all_reduce_sum([float(keep.sum()), float(advantages[keep].sum()),
-                                                   float((advantages[keep] ** 2).sum())]))
-            advantages = advantages / (std + 1e-6)
-        if cfg.grpo.drop_negative_advantages:
-            advantages = advantages.clamp(min=0)
 
-        # 4. Policy update on the thought tokens.
-        with timer("update"):
-            update = update_policy(engine, initial, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
-                                   fixed_passes, behaviour=scored.behaviour_logprobs) \
-                if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
-            lr = engine.lr()
-            engine.step_scheduler()
+def score(run: Run, positions: list[Position], rollouts: list[Rollout]) -> Scored:
+    """2. One fused pass: the no-think score, the thoughts' old log-probs and the reward's log-probs."""
+    cfg = run.cfg
+    run.engine.train(False)
+    scored = score_groups(run.engine.model, [p.context for p in positions], rollouts, [p.target for p in positions],
+                          pad_id=run.pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16,
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    run.engine.train(True)
+    return scored
 
-        # 5. New weights to the sampler (and the EMA teacher), in buckets gathered from any shards.
-        with timer("sync"):
-            weights = engine.weights(cfg.dist.weight_bucket_mb)
-            if ema is not None:  # the EMA teacher follows the policy slowly (RLP), from the same gather
-                weights = weights.tap(partial(follow, ema, 1 - cfg.reward.ema_decay))
-            sampler.push_weights(weights)
 
-            sync_diff = None
-            if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \
-                    hasattr(sampler, "prompt_logprobs"):
-                sync_diff = sampler_sync_error(sampler, engine, rollouts[0], positions[rollouts[0].group].target)
+def reward(run: Run, positions: list[Position], rollouts: list[Rollout],
+           scored: Scored) -> tuple[torch.Tensor, torch.Tensor]:
+    """3. The configured reward per thought, and the no-think scores [P, H] it used (under
+    `reward.baseline`: the policy's from scoring, or the initial model's or EMA teacher's)."""
+    cfg = run.cfg
+    if run.baseline_model is not None:
+        baseline = no_think_logprobs(run.baseline_model, [p.context for p in positions], [p.target for p in positions],
+                                     run.pad_id, cfg.train.micro_batch, cfg.model.autocast_bf16)
+    else:
+        baseline = scored.no_think_logprobs
+    group = torch.tensor([r.group for r in rollouts])
+    inputs = RewardInputs(target_ids=scored.target_ids, target_logprobs=scored.target_logprobs,
+                          no_think_logprobs=baseline[group], target_pred=scored.target_pred,
+                          thought_ids=[r.thought_ids[: r.n_sampled] for r in rollouts],
+                          closed=torch.tensor([r.closed for r in rollouts]), group=group,
+                          token_bytes=run.token_bytes, decode=run.tokenizer.decode, options=cfg.reward)
+    return apply_reward_config(cfg.reward, inputs), baseline
 
-        # 6. Metrics (reduced over ranks), samples, evaluation, checkpoint.
-        H = cfg.data.horizon
-        with_think = scored.target_logprobs.sum(-1) / H
-        without = no_think[group].sum(-1) / H
-        thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
-        sampled_tokens = int(thought_len.sum())
-        scored_tokens = sum(p.p + H for p in positions) + sum(len(r.thought_ids) + 1 + H for r in rollouts)
-        update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
-        finite = rewards[torch.isfinite(rewards)]
-        row = {
-            "reward/mean": finite.mean().item() if finite.numel() else None,
-            "reward/std": finite.std().item() if finite.numel() > 1 else None,
-            "score/with_think": with_think.mean().item(),
-            "score/no_think": without.mean().item(),
-            "info_gain": (with_think - without).mean().item(),
-            "groups/zero_spread_frac": grpo.zero_spread_fraction(rewards[keep], group[keep]) if keep.any() else None,
-            "groups/dropped_nonfinite": dropped_groups,
-            "groups/dropped_low_spread": dropped_low_spread,
-            **({"score/baseline": (baseline[group].sum(-1) / H).mean().item()} if baseline_model is not None else {}),
-            "thought/len_mean": thought_len.mean().item(),
-            "thought/truncated_frac": 1.0 - closed.float().mean().item(),
-            "policy/entropy": scored.thought_entropy.mean().item(),
-            "optim/lr": lr,
-            **update,
-            **{f"time/{k}": v for k, v in timer.seconds.items()},
-            "time/step": sum(timer.seconds.values()),
-            "tokens_per_s/sample": sampled_tokens / timer.seconds["sample"],
-            "tokens_per_s/score": scored_tokens / timer.seconds["score"],
-            "tokens_per_s/update": update_tokens / timer.seconds["update"],
-            "memory/peak_gb": peak_memory_gb(),
-            **{f"data/{k}": v for k, v in stream.stats.items()},
-            **({"sync/max_logprob_diff": sync_diff} if sync_diff is not None else {}),
-            **({f"mismatch/{k}": v for k, v in grpo.mismatch_stats(scored.thought_logprobs, scored.behaviour_logprobs,
-                                                                   scored.batch.thought_mask).items()}
-               if scored.behaviour_logprobs is not None else {}),
-        }
-        if evalset is not None and step % cfg.eval.every == 0:
-            with timer("eval"):
-                result = evaluate_policy(engine.model, sampler, tags, evalset, cfg, progress=False)
-            row.update({f"eval/{k}": v for k, v in result["metrics"].items()})
-            row["time/eval"] = timer.seconds["eval"]
-        row = reduce_rows(all_gather_object(row))
-        if info.is_main:
-            metrics.log(step, row)
-            for r, reward in list(zip(rollouts, rewards.tolist()))[: cfg.log.sample_thoughts]:
-                pos = positions[r.group]
-                samples_file.write(json.dumps({
-                    "step": step, "reward": reward, "context_tail": tokenizer.decode(pos.context[-48:]),
-                    "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(pos.target),
-                }, ensure_ascii=False) + "\n")
-            samples_file.flush()
-            bar.set_postfix(reward=f"{row['reward/mean'] or float('nan'):.2f}", gain=f"{row['info_gain']:+.3f}",
-                            tok_s=f"{row['tokens_per_s/sample']:.0f}")
-        stopping = stop.any_rank()
-        if step == cfg.train.steps or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
-            rank_state = {"data": stream.state(), "rng": rng_state()}
-            common = {"ema": ema.state_dict()} if ema is not None else {}
-            save_checkpoint(run_dir, step, engine, tokenizer, rank_state, common, config_yaml)
-        if stopping:
-            log.warning("stopped at step %d on request; resume with resume=%s", step, run_dir)
-            break
 
-    stop.restore()
-    sampler.close()
-    final = find_checkpoint(run_dir)
-    if info.is_main:
-        samples_file.close()
-        plot = metrics.plot() if cfg.log.plot else None
-        metrics.finish()
-        print(f"checkpoint: {final}\nmetrics:    {metrics.path}\nsamples:    {run_dir / 'samples.jsonl'}"
+def advantage(run: Run, rewards: torch.Tensor, rollouts: list[Rollout]) -> grpo.Advantages:
+    """4. Group-relative advantages (`grpo.advantages`); the dropped-group counts accumulate."""
+    g = run.cfg.grpo
+    adv = grpo.advantages(rewards, torch.tensor([r.group for r in rollouts]), scale=g.advantage_scale,
+                          min_group_std=g.min_group_std, drop_negative=g.drop_negative_advantages,
+                          reduce=all_reduce_sum)
+    run.dropped_nonfinite += adv.dropped_nonfinite
+    run.dropped_low_spread += adv.dropped_low_spread
+    return adv
+
+
+def update_step(run: Run, scored: Scored, adv: grpo.Advantages) -> tuple[dict, float]:
+    """5. The policy update on the thought tokens (skipped when no rank kept a group), then the
+    schedule; its metrics and the learning rate it used."""
+    update = update_policy(run.engine, ref=run.initial, batch=scored.batch, old_logp=scored.thought_logprobs,
+                           advantages=adv.values, keep=adv.keep, cfg=run.cfg, behaviour=scored.behaviour_logprobs) \
+        if all_reduce_sum([float(adv.keep.sum())])[0] > 0 else {}
+    lr = run.engine.lr()
+    run.engine.step_scheduler()
+    return update, lr
+
+
+def sync(run: Run, step: int, positions: list[Position], rollouts: list[Rollout]) -> float | None:
+    """6. New weights to the sampler (and the EMA teacher), in buckets gathered from any shards;
+    every `rollout.check_sync_every` steps, the sampler/trainer log-prob gap after the push."""
+    cfg = run.cfg
+    weights = run.engine.weights(cfg.dist.weight_bucket_mb)
+    if run.ema is not None:  # the EMA teacher follows the policy slowly (RLP), from the same gather
+        weights = weights.tap(partial(follow, run.ema, 1 - cfg.reward.ema_decay))
+    run.sampler.push_weights(weights)
+    if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \
+            hasattr(run.sampler, "prompt_logprobs"):
+        return sampler_sync_error(run.sampler, run.engine, rollouts[0], positions[rollouts[0].group].target)
+    return None
+
+
+def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout], scored: Scored, rewards: torch.Tensor,
+                baseline: torch.Tensor, adv: grpo.Advantages, update: dict, lr: float, timer: PhaseTimer,
+                sync_diff: float | None) -> MetricsRow:
+    """7. This rank's metrics for the step (see the README's Metrics), each with its reduction
+    across ranks."""
+    cfg, H = run.cfg, run.cfg.data.horizon
+    group = torch.tensor([r.group for r in rollouts])
+    keep = adv.keep
+    with_think = scored.target_logprobs.sum(-1) / H
+    without = scored.no_think_logprobs[group].sum(-1) / H
+    thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
+    scored_tokens = sum(p.p + H for p in positions) + sum(len(r.thought_ids) + 1 + H for r in rollouts)
+    update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
+    finite = rewards[torch.isfinite(rewards)]
+    row = MetricsRow()
+    row.add({
+        "reward/mean": finite.mean().item() if finite.numel() else None,
+        "reward/std": finite.std().item() if finite.numel() > 1 else None,
+        "score/with_think": with_think.mean().item(),
+        "score/no_think": without.mean().item(),
+        "info_gain": (with_think - without).mean().item(),
+        "groups/zero_spread_frac": grpo.zero_spread_fraction(rewards[keep], group[keep]) if keep.any() else None,
+    })
+    row.add({"groups/dropped_nonfinite": run.dropped_nonfinite, "groups/dropped_low_spread": run.dropped_low_spread},
+            "sum")
+    if run.baseline_model is not None:
+        row.add({"score/baseline": (baseline[group].sum(-1) / H).mean().item()})
+    row.add({
+        "thought/len_mean": thought_len.mean().item(),
+        "thought/truncated_frac": 1.0 - torch.tensor([r.closed for r in rollouts]).float().mean().item(),
+        "policy/entropy": scored.thought_entropy.mean().item(),
+        "optim/lr": lr,
+        **update,  # loss/*, optim/grad_norm, mismatch/{is_weight_mean,corrected_frac}: already over all ranks
+    })
+    row.add({**{f"time/{k}": v for k, v in timer.seconds.items()}, "time/step": sum(timer.seconds.values())}, "max")
+    row.add({
+        "tokens_per_s/sample": int(thought_len.sum()) / timer.seconds["sample"],
+        "tokens_per_s/score": scored_tokens / timer.seconds["score"],
+        "tokens_per_s/update": update_tokens / timer.seconds["update"],
+    }, "sum")
+    row.add({"memory/peak_gb": peak_memory_gb()}, "max")
+    row.add({f"data/{k}": v for k, v in run.stream.stats.items()}, "sum")
+    if sync_diff is not None:
+        row.add({"sync/max_logprob_diff": sync_diff}, "max")
+    if scored.behaviour_logprobs is not None:
+        mismatch = grpo.mismatch_stats(scored.thought_logprobs, scored.behaviour_logprobs, scored.batch.thought_mask)
+        if mismatch:
+            row.add({"mismatch/mean_abs_log_ratio": mismatch["mean_abs_log_ratio"],
+                     "mismatch/kl_k3": mismatch["kl_k3"]})
+            row.add({"mismatch/max_abs_log_ratio": mismatch["max_abs_log_ratio"]}, "max")
+    return row
+
+
+def log_step(run: Run, step: int, row: dict, positions: list[Position], rollouts: list[Rollout],
+             rewards: torch.Tensor, bar: tqdm) -> None:
+    """Rank 0: the reduced row to metrics.jsonl and wandb, a few thoughts to samples.jsonl, the bar."""
+    if not run.info.is_main:
+        return
+    run.metrics.log(step, row)
+    for r, value in list(zip(rollouts, rewards.tolist()))[: run.cfg.log.sample_thoughts]:
+        pos = positions[r.group]
+        run.samples_file.write(json.dumps({
+            "step": step, "reward": value, "context_tail": run.tokenizer.decode(pos.context[-48:]),
+            "thought": run.tokenizer.decode(r.thought_ids), "target": run.tokenizer.decode(pos.target),
+        }, ensure_ascii=False) + "\n")
+    run.samples_file.flush()
+    bar.set_postfix(reward=f"{row['reward/mean'] or float('nan'):.2f}", gain=f"{row['info_gain']:+.3f}",
+                    tok_s=f"{row['tokens_per_s/sample']:.0f}")
+
+
+def checkpoint(run: Run, step: int) -> None:
+    """Every rank: the model, optimizer, each rank's data cursor and RNG, the EMA teacher."""
+    rank_state = {"data": run.stream.state(), "rng": rng_state()}
+    common = {"ema": run.ema.state_dict()} if run.ema is not None else {}
+    save_checkpoint(run.run_dir, step, run.engine, run.tokenizer, rank_state, common, run.config_yaml)
+
+
+def finish_run(run: Run) -> Path:
+    """Close the sampler and logs, print where things are, leave the process group; the last checkpoint."""
+    run.sampler.close()
+    final = find_checkpoint(run.run_dir)
+    if run.info.is_main:
+        run.samples_file.close()
+        plot = run.metrics.plot() if run.cfg.log.plot else None
+        run.metrics.finish()
+        print(f"checkpoint: {final}\nmetrics:    {run.metrics.path}\nsamples:    {run.run_dir / 'samples.jsonl'}"
               + (f"\nplot:       {plot}" if plot else ""))
     shutdown_distributed()
     return final

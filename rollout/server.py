@@ -27,8 +27,10 @@ import torch
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from rollout.base import SamplingSpec, WeightStream, cpu_kv_cache_space, engine_dtype, thought_request
+from rollout.base import SamplingSpec, WeightStream
+from rollout.net import free_port
 from rollout.spans import Rollout, ThinkTags
+from rollout.vllm_utils import cpu_kv_cache_space, engine_dtype, thought_request
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +143,6 @@ def transfer_address(urls: list[str], configured: str | None = None) -> str:
                     "set rollout.server.transfer_address to this host's address on the servers' network",
                     first.netloc, address)
     return address
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class ServerSampler:

@@ -16,19 +16,22 @@ from typing import Iterable
 
 import torch
 
-from rollout.base import SamplingSpec, cpu_kv_cache_space, thought_request
+from rntp.config import VllmConfig
+from rollout.base import SamplingSpec
 from rollout.spans import Rollout, ThinkTags
+from rollout.vllm_utils import cpu_kv_cache_space, thought_request
 
 log = logging.getLogger(__name__)
 
 
 class VLLMSampler:
     def __init__(self, model_path: str, tags: ThinkTags, *, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 2048, cfg=None):
+                 max_model_len: int = 2048, cfg: VllmConfig | None = None):
         import torch.distributed as dist
 
+        cfg = cfg if cfg is not None else VllmConfig()
         self.tags = tags
-        self.tp = getattr(cfg, "tensor_parallel_size", 1)
+        self.tp = cfg.tensor_parallel_size
         world = dist.get_world_size() if dist.is_initialized() else 1
         # Under torchrun every rank (or TP group of ranks, which pool their requests) runs an engine
         # inside the training world (vLLM's "external_launcher" colocation); a single process runs the
@@ -43,7 +46,7 @@ class VLLMSampler:
 
         # collective_rpc then calls this process's own worker, which can pull a generator
         self.in_process = executor != "mp" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-        self.sleep_level = getattr(cfg, "sleep_level", 0)
+        self.sleep_level = cfg.sleep_level
         if world > 1 and world % self.tp:
             raise ValueError(f"rollout.vllm.tensor_parallel_size={self.tp} does not divide the {world} ranks")
         self.pool_requests = world > 1 and self.tp > 1
@@ -56,12 +59,12 @@ class VLLMSampler:
         # processed_logprobs: a sample's log-probs are those it was drawn from (after temperature and
         # top-p), comparable with the trainer's `sampling_logprobs`.
         kwargs = dict(model=model_path, tokenizer=model_path, dtype=dtype, seed=seed, max_model_len=max_model_len,
-                      enforce_eager=getattr(cfg, "enforce_eager", True), tensor_parallel_size=self.tp,
+                      enforce_eager=cfg.enforce_eager, tensor_parallel_size=self.tp,
                       logprobs_mode="processed_logprobs",
                       enable_sleep_mode=self.sleep_level > 0,
                       distributed_executor_backend=executor)
         if on_gpu:
-            kwargs["gpu_memory_utilization"] = getattr(cfg, "gpu_memory_utilization", 0.3)
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         self.llm = LLM(**kwargs)
         self.asleep = False
 

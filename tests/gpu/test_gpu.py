@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards.scoring import token_logprobs
+from rntp.scoring import token_logprobs
 from rntp.config import load_config
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.base import WeightStream
@@ -81,7 +81,8 @@ needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is No
 def test_deepspeed_bf16_engine_on_one_gpu_reduces_metrics_and_feeds_the_ema(tiny_model_dir, monkeypatch):
     """Defects 1 and 3 on a GPU: DeepSpeed's world of one reduces CPU metrics (an NCCL-only group
     could not), and its bf16 weights move the float32 EMA teacher."""
-    from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed
+    from rntp.distributed import all_gather_object, all_reduce_sum, init_distributed
+    from rntp.engines import make_engine
     from rntp.models import load_trainable
     from rntp.train import follow, make_ema
 
@@ -92,7 +93,7 @@ def test_deepspeed_bf16_engine_on_one_gpu_reduces_metrics_and_feeds_the_ema(tiny
     info = init_distributed()
     policy = load_trainable(str(tiny_model_dir), cfg, info, 1)
     ema = make_ema(policy)
-    engine = Engine(policy, cfg, info, 1, total_steps=1)
+    engine = make_engine(policy, cfg, info, 1, total_steps=1)
     assert all_reduce_sum([1.0, 2.0]) == [1.0, 2.0] and all_gather_object({"a": 1}) == [{"a": 1}]
     before = {n: p.clone() for n, p in ema.named_parameters()}
     with torch.no_grad():

@@ -27,9 +27,10 @@ def fixed_global_batch(vocab: int):
 
 
 def step(args):
-    from rewards import score_groups
+    from rntp.scoring import score_groups
     from rntp import grpo
-    from rntp.distributed import Engine, init_distributed, shutdown_distributed
+    from rntp.distributed import init_distributed, shutdown_distributed
+    from rntp.engines import make_engine
     from rntp.models import load_trainable
     from rntp.train import update_policy
     from rollout import Rollout
@@ -38,7 +39,7 @@ def step(args):
     cfg = worker_config(args)
     passes = -(-(16 // info.world_size) // 3)  # this rank's 16 or 8 thoughts in micro-batches of 3
     policy = load_trainable(args.model, cfg, info, passes)  # sharded as it loads (FSDP2, ZeRO-3)
-    engine = Engine(policy, cfg, info, passes, total_steps=1)
+    engine = make_engine(policy, cfg, info, passes, total_steps=1)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
     mine = [g for g in range(4) if g % info.world_size == info.rank]
     local = {g: i for i, g in enumerate(mine)}
@@ -46,13 +47,16 @@ def step(args):
                    for r in rollouts if r.group in local]
     my_rewards = torch.stack([rewards[i] for i, r in enumerate(rollouts) if r.group in local])
     engine.train(False)
-    scored = score_groups(engine.model, [contexts[g] for g in mine], my_rollouts, [targets[g] for g in mine], 0, 3)
+    scored = score_groups(engine.model, [contexts[g] for g in mine], my_rollouts, [targets[g] for g in mine], pad_id=0,
+                          micro_batch=3)
     engine.train(True)
     group = torch.tensor([r.group for r in my_rollouts])
     advantages = grpo.group_advantages(my_rewards, group, "group")
     keep = torch.ones(len(my_rollouts), dtype=torch.bool)
-    stats = update_policy(engine, None, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
-                          passes if info.world_size > 1 or args.backend == "deepspeed" else None)
+    # every rank runs the same number of passes where ranks (or DeepSpeed's accumulation) need it
+    assert engine.fixed_passes == (passes if info.world_size > 1 or args.backend == "deepspeed" else None)
+    stats = update_policy(engine, ref=None, batch=scored.batch, old_logp=scored.thought_logprobs,
+                          advantages=advantages, keep=keep, cfg=cfg)
     state = engine.full_state_dict()
     if info.rank == 0:
         torch.save({"state": state, "stats": stats}, args.out)
@@ -92,7 +96,8 @@ def load(args):
 
     from torch.nn.modules.module import register_module_parameter_registration_hook
 
-    from rntp.distributed import Engine, init_distributed, shutdown_distributed
+    from rntp.distributed import init_distributed, shutdown_distributed
+    from rntp.engines import make_engine
     from rntp.models import load_trainable
 
     info = init_distributed()
@@ -106,7 +111,7 @@ def load(args):
         peak[0] = max(peak[0], held_elements(live))
 
     hook = register_module_parameter_registration_hook(sample)
-    engine = Engine(load_trainable(args.model, cfg, info, 2), cfg, info, 2, total_steps=1)
+    engine = make_engine(load_trainable(args.model, cfg, info, 2), cfg, info, 2, total_steps=1)
     hook.remove()
     for p in engine.raw.parameters():
         sample(param=p)

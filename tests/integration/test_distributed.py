@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from rollout.base import vllm_available
+from rollout.vllm_utils import vllm_available
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards import next_token_entropy, score_groups
+from rntp.scoring import next_token_entropy, score_groups
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration
@@ -93,11 +93,11 @@ def nucleus_logprob(logits_row, token, temperature, top_p):
 def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, model):
     """Scoring (old log-probs) and the update's forward (new log-probs) give thought tokens the
     log-probs of the distribution sampled from, the same in both, and target tokens the model's own."""
-    from rewards.scoring import LOGP_FLOOR, build_batch, policy_logprobs
+    from rntp.scoring import LOGP_FLOOR, build_batch, policy_logprobs
 
     contexts, rollouts, targets = make_groups()
-    scored = score_groups(model, contexts, rollouts, targets, 0, 16, temperature=temperature, top_p=top_p)
-    plain = score_groups(model, contexts, rollouts, targets, 0, 16)
+    scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=temperature, top_p=top_p)
+    plain = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16)
     torch.testing.assert_close(scored.target_logprobs, plain.target_logprobs)  # the reward is untouched
     for i, r in enumerate(rollouts):
         seq = r.prompt_ids + r.thought_ids + targets[r.group]

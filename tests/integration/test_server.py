@@ -12,11 +12,12 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards.scoring import token_logprobs
+from rntp.scoring import token_logprobs
 from rntp.config import load_config
 from rollout import SamplingSpec, ThinkTags, make_sampler
-from rollout.base import WeightStream, vllm_available
-from rollout.server import free_port
+from rollout.base import WeightStream
+from rollout.net import free_port
+from rollout.vllm_utils import vllm_available
 from tests.integration.test_distributed import ROOT, rows, torchrun, train_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,

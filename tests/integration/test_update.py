@@ -15,10 +15,11 @@ pytestmark = pytest.mark.integration
 def test_kl_reference_runs_under_the_policy_autocast(tiny_model_dir):
     """With the reference equal to the policy, the KL of the first pass is 0 only if both forwards
     run at the same precision (the reference once ran in fp32 beside a bf16-autocast policy)."""
-    from rewards import score_groups
+    from rntp.scoring import score_groups
     from rntp import grpo
     from rntp.config import load_config
-    from rntp.distributed import DistInfo, Engine
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
     from rntp.train import update_policy
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "model.autocast_bf16=true", "grpo.kl_coef=0.1",
@@ -26,39 +27,40 @@ def test_kl_reference_runs_under_the_policy_autocast(tiny_model_dir):
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ref = copy.deepcopy(policy).eval().requires_grad_(False)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
-    scored = score_groups(policy.eval(), contexts, rollouts, targets, 0, 16, autocast=True)
+    scored = score_groups(policy.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=16, autocast=True)
     policy.train()
     advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group")
-    engine = Engine(policy, cfg, DistInfo(), 1, total_steps=1)
-    stats = update_policy(engine, ref, scored.batch, scored.thought_logprobs, advantages,
-                          torch.ones(len(rollouts), dtype=torch.bool), cfg, None)
+    engine = make_engine(policy, cfg, DistInfo(), 1, total_steps=1)
+    stats = update_policy(engine, ref=ref, batch=scored.batch, old_logp=scored.thought_logprobs, advantages=advantages,
+                          keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
     assert stats["loss/kl"] == 0.0
 
 
 def update_once(policy, scored, rewards, rollouts, *overrides, behaviour=None):
     from rntp import grpo
     from rntp.config import load_config
-    from rntp.distributed import DistInfo, Engine
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
     from rntp.train import update_policy
 
     cfg = load_config(None, ["train.micro_batch=16", "rollout.group_size=4", "train.positions_per_step=4",
                              *overrides])
     advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group")
-    engine = Engine(policy.train(), cfg, DistInfo(), 1, total_steps=1)
-    return update_policy(engine, None, scored.batch, scored.thought_logprobs, advantages,
-                         torch.ones(len(rollouts), dtype=torch.bool), cfg, None, behaviour=behaviour)
+    engine = make_engine(policy.train(), cfg, DistInfo(), 1, total_steps=1)
+    return update_policy(engine, ref=None, batch=scored.batch, old_logp=scored.thought_logprobs, advantages=advantages,
+                         keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg, behaviour=behaviour)
 
 
 def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
     """Scoring (cached context, eval) and the update (full sequences) differ by bf16 noise; with one
     epoch the ratio takes its old log-probs from the update's own forward, so nothing is clipped even
     with a clip range far below that noise. Two epochs anchor to scoring and do clip."""
-    from rewards import score_groups
+    from rntp.scoring import score_groups
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
     tight = ["model.autocast_bf16=true", "grpo.clip_low=1e-5", "grpo.clip_high=1e-5"]
-    scored = score_groups(policy.eval(), contexts, rollouts, targets, 0, 16, autocast=True)
+    scored = score_groups(policy.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=16, autocast=True)
     assert update_once(policy, scored, rewards, rollouts, *tight)["loss/clip_frac"] == 0.0
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     assert update_once(policy, scored, rewards, rollouts, *tight, "grpo.epochs=2")["loss/clip_frac"] > 0
@@ -67,7 +69,7 @@ def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
 def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_dir, tokenizer):
     """Sampling at temperature 0.7 while the trainer believes 1.0: the mismatch metrics rise, and the
     update's importance weights are min(exp(trainer - sampler), C), computed here independently."""
-    from rewards import score_groups
+    from rntp.scoring import score_groups
     from rntp import grpo
     from rollout import SamplingSpec, ThinkTags, make_sampler
 
@@ -79,8 +81,8 @@ def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_
     rollouts = sampler.sample([tags.prompt(c) for c in contexts], SamplingSpec(n=4, max_tokens=6, temperature=0.7,
                                                                                seed=3))
     targets = [tokenizer.encode(" of the module.", add_special_tokens=False)[:3]] * 3
-    matched = score_groups(policy.eval(), contexts, rollouts, targets, 0, 16, temperature=0.7)
-    believed = score_groups(policy, contexts, rollouts, targets, 0, 16)  # the trainer at temperature 1.0
+    matched = score_groups(policy.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=0.7)
+    believed = score_groups(policy, contexts, rollouts, targets, pad_id=0, micro_batch=16)  # the trainer at temperature 1.0
     mask = matched.batch.thought_mask
     assert grpo.mismatch_stats(matched.thought_logprobs, matched.behaviour_logprobs, mask)["max_abs_log_ratio"] < 1e-4
     off = grpo.mismatch_stats(believed.thought_logprobs, believed.behaviour_logprobs, mask)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rewards.scoring import token_logprobs
+from rntp.scoring import token_logprobs
 from rollout import SamplingSpec, ThinkTags, make_sampler
-from rollout.base import WeightStream, vllm_available
+from rollout.base import WeightStream
+from rollout.vllm_utils import vllm_available
 
 pytestmark = [pytest.mark.integration,
               pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
@@ -116,8 +117,8 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from rewards.scoring import score_groups
-    from rollout.base import thought_request
+    from rntp.scoring import score_groups
+    from rollout.vllm_utils import thought_request
     from rollout.spans import pad_id_of
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
@@ -135,9 +136,9 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
             rollouts.append(tags.finish(group, tags.prompt(contexts[group]), list(c.token_ids)))
             sampled.append([entry[tok].logprob for tok, entry in zip(c.token_ids, c.logprobs)])
     targets = [[284, 262, 1171, 13]] * 2
-    scored = score_groups(policy, contexts, rollouts, targets, pad_id_of(tokenizer), 8,
+    scored = score_groups(policy, contexts, rollouts, targets, pad_id=pad_id_of(tokenizer), micro_batch=8,
                           temperature=temperature, top_p=top_p)
-    plain = score_groups(policy, contexts, rollouts, targets, pad_id_of(tokenizer), 8)
+    plain = score_groups(policy, contexts, rollouts, targets, pad_id=pad_id_of(tokenizer), micro_batch=8)
     worst = differs = 0.0
     for i, r in enumerate(rollouts):
         ours = scored.thought_logprobs[i][scored.batch.thought_mask[i]]
@@ -152,7 +153,7 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
 def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_model_dir, tokenizer):
     """Behaviour log-probs come with each sample (not a second pass) and, with the trainer's weights
     in fp32, equal the trainer's log-probs under the same temperature and top-p (within 1e-4)."""
-    from rewards.scoring import score_groups
+    from rntp.scoring import score_groups
     from rollout.spans import pad_id_of
 
     sampler = request.getfixturevalue(which)
@@ -166,7 +167,7 @@ def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_mod
     spec = SamplingSpec(n=3, max_tokens=6, temperature=0.8, top_p=0.9, seed=9)
     rollouts = sampler.sample([tags.prompt(c) for c in contexts], spec)
     assert all(len(r.behaviour_logprobs) == r.n_sampled for r in rollouts)
-    scored = score_groups(policy, contexts, rollouts, [[284, 262, 1171]] * 2, pad_id_of(tokenizer), 8,
+    scored = score_groups(policy, contexts, rollouts, [[284, 262, 1171]] * 2, pad_id=pad_id_of(tokenizer), micro_batch=8,
                           temperature=0.8, top_p=0.9)
     mask = scored.batch.thought_mask
     gap = (scored.thought_logprobs[mask] - scored.behaviour_logprobs[mask]).abs().max().item()

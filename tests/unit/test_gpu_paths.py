@@ -4,7 +4,7 @@ the process group's backend map, DeepSpeed's dtypes, and what each rank's collec
 import pytest
 import torch
 
-from rntp import distributed
+from rntp import distributed, engines
 from rntp.config import load_config
 
 pytestmark = pytest.mark.unit
@@ -56,10 +56,10 @@ def test_every_tensor_the_helpers_reduce_meets_a_backend_for_its_device():
 
 def test_deepspeed_accumulates_bf16_gradients_in_fp32():
     cfg = load_config(None, ["model.autocast_bf16=true", "dist.backend=deepspeed", "dist.zero_stage=2"])
-    ds = distributed.deepspeed_config(cfg, world_size=8, micro_steps=4)
+    ds = engines.deepspeed_config(cfg, world_size=8, micro_steps=4)
     assert ds["bf16"]["enabled"] is True
     assert ds["data_types"]["grad_accum_dtype"] == "fp32"
-    fp32 = distributed.deepspeed_config(load_config(None, ["dist.backend=deepspeed"]), 8, 4)
+    fp32 = engines.deepspeed_config(load_config(None, ["dist.backend=deepspeed"]), 8, 4)
     assert fp32["bf16"]["enabled"] is False
 
 
@@ -91,11 +91,11 @@ def test_weight_buckets_end_only_between_layers():
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=2, num_key_value_heads=1)
     named = [(n, p.detach()) for n, p in LlamaForCausalLM(config).named_parameters(remove_duplicate=False)]
-    buckets = list(distributed.layer_buckets(iter(named), bucket_mb=4096 / 2**20))  # 4 KB: several per layer
+    buckets = list(engines.layer_buckets(iter(named), bucket_mb=4096 / 2**20))  # 4 KB: several per layer
     assert [item for b in buckets for item in b] == named  # every weight once, in order
     assert len(buckets) >= 5
     for before, after in zip(buckets, buckets[1:]):
-        assert distributed.layer_of(before[-1][0]) != distributed.layer_of(after[0][0])
+        assert engines.layer_of(before[-1][0]) != engines.layer_of(after[0][0])
     layer = [n for n, _ in named if n.startswith("model.layers.1.")]
     holding = [i for i, b in enumerate(buckets) if any(n.startswith("model.layers.1.") for n, _ in b)]
     assert len(holding) == 1 and len(layer) == 9  # q, k, v, o, gate, up, down and two norms together

@@ -4,7 +4,8 @@ config sent explicitly, with vLLM's neutral value."""
 
 import pytest
 
-from rollout.base import SamplingSpec, thought_request, vllm_available
+from rollout.base import SamplingSpec
+from rollout.vllm_utils import thought_request, vllm_available
 
 pytestmark = pytest.mark.unit
 

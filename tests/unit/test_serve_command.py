@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rntp.config import load_config
-from rollout.base import vllm_available
+from rollout.vllm_utils import vllm_available
 from rollout.server import serve_command
 
 pytestmark = [pytest.mark.unit, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]

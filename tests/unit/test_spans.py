@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rewards.scoring import build_batch
+from rntp.scoring import build_batch
 from rollout import Rollout, ThinkTags
 
 pytestmark = pytest.mark.unit

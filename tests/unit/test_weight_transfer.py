@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rollout.base import vllm_available
+from rollout.vllm_utils import vllm_available
 
 pytestmark = [pytest.mark.unit, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 

@@ -165,8 +165,8 @@ def position_entropies(model, ids: list[int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], pad_id: int,
-                 micro_batch: int, autocast: bool = False, *, temperature: float = 1.0, top_p: float = 1.0) -> Scored:
+def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *, pad_id: int,
+                 micro_batch: int, autocast: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Scored:
     """Fused scoring of all thoughts, sharing each position's context.
 
     Per position, one forward over context + target gives the no-think target log-probs and

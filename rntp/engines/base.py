@@ -1,0 +1,119 @@
+"""The training engine's interface: the policy being trained, wrapped by one backend (plain, DDP,
+DeepSpeed ZeRO, FSDP2; one class each beside this file, chosen by `rntp.engines.make_engine`).
+
+Gradients are averaged across ranks by every backend, so each rank scales its share of the
+globally normalised loss by the world size (see `rntp.train.update_policy`).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from rntp.config import Config
+from rntp.distributed import DistInfo
+from rntp.engines.weights import layer_buckets
+from rollout.base import WeightStream
+
+
+class Engine(ABC):
+    """The policy being trained, wrapped by a backend.
+
+    - `model`: call it for forward passes.
+    - `backward(loss)` per micro-batch, then `step()` once per optimizer step (returns grad norm),
+      then `step_scheduler()` once per training step.
+    - `fixed_passes`: how many forward/backward passes every rank must run per optimizer step, or
+      None when a rank may run as many as its rows need (see `update_policy`).
+    - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler.
+    - `save(dir)` / `load(dir)`: backend-native sharded state (optimizer included);
+      `export(dir, tokenizer)`: a consolidated Hugging Face folder, written by rank 0.
+
+    `passes` is the number of micro-batch passes one optimizer step takes at most (the rows a rank
+    holds over `train.micro_batch`); `total_steps` sets the learning-rate schedule's length.
+    """
+
+    def __init__(self, model: torch.nn.Module, cfg: Config, info: DistInfo, passes: int, total_steps: int):
+        self.cfg, self.info, self.passes, self.total_steps = cfg, info, passes, total_steps
+        self.raw = model  # the unwrapped model (parameters, state dict, save_pretrained)
+        self.model: torch.nn.Module = model  # what forward passes call (the backend's wrapper)
+        self.optimizer: torch.optim.Optimizer
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @classmethod
+    def shards_weights(cls, cfg: Config) -> bool:
+        """Whether no rank holds the whole model (then generation needs a separate whole copy)."""
+        return False
+
+    @property
+    def fixed_passes(self) -> int | None:
+        """Several ranks run every collective in step, so each runs exactly `passes`."""
+        return self.passes if self.info.world_size > 1 else None
+
+    # -- training --------------------------------------------------------------------------------
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    @abstractmethod
+    def step(self) -> float:
+        """Clip, optimizer step, zero grads; the gradient norm before clipping."""
+
+    @abstractmethod
+    def step_scheduler(self) -> None:
+        """Once per training step, after `step`."""
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train(self, mode: bool = True) -> None:
+        self.raw.train(mode)
+
+    # -- weights -----------------------------------------------------------------------------------
+    def weights(self, bucket_mb: float = 256) -> WeightStream:
+        """This step's weights for the sampler: buckets on demand, and their names, dtypes and full
+        shapes known without gathering (ZeRO-3 keeps the full shape as `ds_shape`, a DTensor's
+        shape is global)."""
+        metadata = [(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                    for name, p in self.raw.named_parameters(remove_duplicate=False)]
+        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata, bucket_mb)
+
+    def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded, cut only
+        between layers (see `layer_buckets`). Every rank must iterate (gathering is collective); each
+        gets the full tensors. Tied weights come under every name (vLLM keeps its own copy of a tied
+        `lm_head.weight`)."""
+        return layer_buckets(self.full_tensors(), bucket_mb)
+
+    def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, full tensor) for every parameter, tied names included; a DTensor is gathered."""
+        for name, p in self.raw.named_parameters(remove_duplicate=False):
+            yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full weights on CPU, keyed as the model's own state_dict (tied names included), on rank 0;
+        the other ranks take part in the gathers and keep nothing (empty dict)."""
+        keys = set(self.raw.state_dict())
+        out = {}
+        for name, tensor in self.full_tensors():
+            if self.info.is_main and name in keys:
+                out[name] = tensor.cpu()
+        return out
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def export(self, out_dir: Path, tokenizer) -> None:
+        """Consolidated Hugging Face folder (rank 0 writes; every rank must call)."""
+        state = self.full_state_dict()
+        if self.info.is_main:
+            self.raw.save_pretrained(out_dir, state_dict=state, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+
+    @abstractmethod
+    def save(self, out_dir: Path) -> dict:
+        """Optimizer/scheduler state: a dict for trainer_state.pt, or sharded files written by every
+        rank beside it (then the dict holds what is left)."""
+
+    @abstractmethod
+    def load(self, ckpt_dir: Path, state: dict) -> None:
+        """Restore what `save` wrote (`state` is trainer_state.pt's engine part)."""
