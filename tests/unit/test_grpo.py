@@ -209,3 +209,81 @@ def test_mismatch_stats_against_a_loop():
     assert stats["kl_k3"] == pytest.approx(sum(math.exp(d) - 1 - d for d in deltas) / len(deltas), rel=1e-6)
     assert stats["kl_k3"] > 0
     assert grpo.mismatch_stats(trainer, trainer, mask)["kl_k3"] == 0.0
+
+
+def loop_batch_advantages(rewards, groups, *, scale, min_group_std=0.0, drop_negative=False, eps=1e-6):
+    """The loop's whole advantage step written with lists: drop groups with a non-finite reward,
+    then groups whose unbiased std is at most min_group_std, then scale the kept ones."""
+    members = {}
+    for i, g in enumerate(groups):
+        members.setdefault(int(g), []).append(i)
+    kept_groups, nonfinite, low = [], 0, 0
+    for g, idx in members.items():
+        values = [float(rewards[i]) for i in idx]
+        if not all(math.isfinite(v) for v in values):
+            nonfinite += 1
+            continue
+        m = sum(values) / len(values)
+        sd = math.sqrt(sum((v - m) ** 2 for v in values) / max(len(values) - 1, 1))
+        if min_group_std > 0 and not sd > min_group_std:
+            low += 1
+            continue
+        kept_groups.append(g)
+    keep = [int(groups[i]) in kept_groups for i in range(len(rewards))]
+    out = [0.0] * len(rewards)
+    kept = [i for i in range(len(rewards)) if keep[i]]
+    if kept:
+        sub = loop_advantages([rewards[i] for i in kept], [kept_groups.index(int(groups[i])) for i in kept], scale, eps)
+        for i, a in zip(kept, sub):
+            out[i] = max(a, 0.0) if drop_negative else a
+    return out, keep, nonfinite, low
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("min_group_std", [0.0, 0.5])
+@pytest.mark.parametrize("drop_negative", [False, True])
+def test_batch_advantages_match_loop_reference(scale, min_group_std, drop_negative):
+    gen = torch.Generator().manual_seed(1)
+    rewards = torch.randn(8, 4, generator=gen, dtype=torch.float64)
+    rewards[1, 2] = float("nan")  # dropped whole
+    rewards[3] = 0.1 * rewards[3]  # too little spread for min_group_std=0.5
+    rewards[5, 0] = float("inf")
+    rewards = rewards.flatten()
+    groups = torch.arange(8).repeat_interleave(4)
+    got = grpo.advantages(rewards, groups, scale=scale, min_group_std=min_group_std, drop_negative=drop_negative)
+    want, keep, nonfinite, low = loop_batch_advantages(rewards.tolist(), groups.tolist(), scale=scale,
+                                                       min_group_std=min_group_std, drop_negative=drop_negative)
+    assert got.keep.tolist() == keep
+    assert (got.dropped_nonfinite, got.dropped_low_spread) == (nonfinite, low)
+    assert nonfinite == 2 and (low >= 1 if min_group_std else low == 0)
+    torch.testing.assert_close(got.values, torch.tensor(want, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_batch_scale_over_ranks_equals_one_process():
+    """Two ranks' batch-scaled advantages, reduced through a shared sum, equal the advantages of
+    their union in one process; a rank that kept nothing still takes part in the reduction."""
+    gen = torch.Generator().manual_seed(2)
+    rewards = torch.randn(6, 4, generator=gen, dtype=torch.float64)
+    rewards[4, 1] = float("nan")  # rank 1 holds groups 4 and 5 and drops both
+    rewards[5, 3] = float("nan")
+    whole = grpo.advantages(rewards.flatten(), torch.arange(6).repeat_interleave(4), scale="batch")
+    stats = []
+    for part in (rewards[:4], rewards[4:]):  # first pass: record each rank's (n, sum, sum of squares)
+        grpo.advantages(part.flatten(), torch.arange(len(part)).repeat_interleave(4), scale="batch",
+                        reduce=lambda v: stats.append(v) or v)
+    total = [sum(col) for col in zip(*stats)]
+    ranks = [grpo.advantages(part.flatten(), torch.arange(len(part)).repeat_interleave(4), scale="batch",
+                             reduce=lambda v: total) for part in (rewards[:4], rewards[4:])]
+    assert len(stats) == 2 and stats[1] == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(torch.cat([r.values for r in ranks]), whole.values)
+    assert sum(r.dropped_nonfinite for r in ranks) == whole.dropped_nonfinite == 2
+
+
+def test_group_advantages_batch_goes_through_reduce():
+    rewards = torch.tensor([1.0, 2.0, 4.0, 8.0], dtype=torch.float64)
+    groups = torch.tensor([0, 0, 1, 1])
+    seen = []
+    got = grpo.group_advantages(rewards, groups, "batch", reduce=lambda v: seen.append(v) or v)
+    torch.testing.assert_close(got, torch.tensor(loop_advantages(rewards.tolist(), groups.tolist(), "batch"),
+                                                 dtype=torch.float64))
+    assert seen == [[4.0, 0.0, pytest.approx(0.25 + 0.25 + 4.0 + 4.0)]]  # centred: -0.5, 0.5, -2, 2
