@@ -16,7 +16,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-unit bench gpu-check prepare clean
+.PHONY: install demo test test-unit lint bench gpu-check prepare clean
 
 install: $(STAMP)
 
@@ -37,11 +37,15 @@ prepare: install
 demo: prepare
 	$(BIN)/rntp train --config configs/demo.yaml
 
-test: prepare
+test: lint prepare
 	$(BIN)/python -m pytest tests -m "not gpu"
 
+# The unit tier only (pure functions, no model or corpus needed): seconds.
 test-unit: install
-	$(BIN)/python -m pytest tests -m unit
+	$(BIN)/python -m pytest tests -m unit -q
+
+lint: install
+	$(BIN)/ruff check .
 
 bench: prepare
 	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server

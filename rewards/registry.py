@@ -8,7 +8,8 @@ Add a reward with one file and one decorator:
     def my_reward(x: RewardInputs) -> torch.Tensor:  # one value per thought, shape [N]
         return ...
 
-and select it with `reward.name=my_reward reward.modules=[my_module]`. Modifiers (weighted sums, clipping, a per-token length penalty) apply to
+and select it with `reward.name=my_reward reward.modules=[my_module]`. Modifiers (weighted sums,
+clipping, a per-token length penalty) apply to
 any reward through `reward.*` config keys and `apply_reward_config`.
 """
 
@@ -88,7 +89,8 @@ def reward_names(cfg: RewardConfig) -> list[str]:
 def compute_rewards(name: str, inputs: RewardInputs) -> torch.Tensor:
     rewards = get_reward(name).fn(inputs).to(torch.float32)
     if rewards.shape != inputs.closed.shape:
-        raise ValueError(f"reward {name!r} returned shape {tuple(rewards.shape)}, expected {tuple(inputs.closed.shape)}")
+        raise ValueError(f"reward {name!r} returned shape {tuple(rewards.shape)}, "
+                         f"expected {tuple(inputs.closed.shape)}")
     return rewards
 
 

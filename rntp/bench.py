@@ -171,7 +171,8 @@ def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
         started = time.perf_counter() - t0
         local = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
                              cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
-        prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)]
+        positions = PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)
+        prompts = [tags.prompt(p.context) for p in positions]
         spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
                             cfg.rollout.top_p, seed=1)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

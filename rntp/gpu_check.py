@@ -114,7 +114,8 @@ def one_process(model_dir: Path, corpus: Path, run_dir: Path, n_params: int, arg
     return {"wall_s": wall, "step_s": med("time/step"), "peak_gb": max(r["memory/peak_gb"] for r in rows),
             **{f"{phase}_s": med(f"time/{phase}") for phase in ("sample", "score", "update", "sync")},
             **{f"{phase}_tok_s": med(f"tokens_per_s/{phase}") for phase in ("sample", "score", "update")},
-            "update_tflops": flops / 1e12, "update_mfu": flops / (args.peak_tflops * 1e12) if args.peak_tflops else None}
+            "update_tflops": flops / 1e12,
+            "update_mfu": flops / (args.peak_tflops * 1e12) if args.peak_tflops else None}
 
 
 def multi_gpu(model_dir: Path, corpus: Path, out: Path, args, backend: list[str], nproc: int) -> dict:

@@ -26,7 +26,8 @@ def torch_dtype(cfg: Config) -> torch.dtype:
 
 def load_policy(path: str, cfg: Config, device: torch.device | None = None):
     """The whole model on one device."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg), trust_remote_code=cfg.model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(cfg),
+                                                 trust_remote_code=cfg.model.trust_remote_code)
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))

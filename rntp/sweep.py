@@ -189,7 +189,8 @@ def submit_slurm(sweep: SweepConfig, runs: list[dict]) -> list:
         params["slurm_account"] = s.account
     params.update({f"slurm_{k}" if not k.startswith("slurm_") else k: v for k, v in s.extra.items()})
     executor.update_parameters(**params)
-    jobs = executor.map_array(_run_one, [command(sweep, r) for r in runs], [str(r["run_dir"] / "train.log") for r in runs])
+    jobs = executor.map_array(_run_one, [command(sweep, r) for r in runs],
+                              [str(r["run_dir"] / "train.log") for r in runs])
     for r, job in zip(runs, jobs):
         r["status"] = f"submitted ({job.job_id})"
         print(f"submitted {r['name']} as job {job.job_id}")

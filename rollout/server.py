@@ -232,7 +232,8 @@ class ServerSampler:
             info = weight_transfer.GlooTrainerInitInfo(**common, master_port=self.cfg.transfer_port,
                                                        bucket_mb=weights.bucket_mb, timeout_s=self.cfg.timeout_s)
         log.info("weight transfer (%s) to %d server worker(s) via %s", info.backend, sum(workers), address)
-        return WeightTransferTrainerFactory.trainer_init(info, client=ServerGroup(self.urls, workers, self.cfg.timeout_s),
+        return WeightTransferTrainerFactory.trainer_init(info,
+                                                         client=ServerGroup(self.urls, workers, self.cfg.timeout_s),
                                                          source=_weight_source(weights))
 
     def push_weights(self, weights: WeightStream) -> None:

@@ -106,7 +106,8 @@ def test_deepspeed_bf16_engine_on_one_gpu_reduces_metrics_and_feeds_the_ema(tiny
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-@pytest.mark.parametrize("backend, zero", [("ddp", 2), ("fsdp2", 2), pytest.param("deepspeed", 3, marks=needs_deepspeed)])
+@pytest.mark.parametrize("backend, zero", [("ddp", 2), ("fsdp2", 2),
+                                           pytest.param("deepspeed", 3, marks=needs_deepspeed)])
 def test_two_gpus_match_one_gpu_on_the_same_global_batch(backend, zero, tiny_model_dir, tmp_path):
     """The CPU test's multi-rank check over NCCL (with gloo for CPU tensors in the same group)."""
     from tests.integration.test_distributed import WORKER, torchrun

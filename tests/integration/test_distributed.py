@@ -26,7 +26,7 @@ def torchrun(*args, nproc=2, timeout=600, **popen):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
-    for attempt in range(2):
+    for _attempt in range(2):
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
         # Retry once only when the launch itself failed (a port or connection race on loopback),
         # never for an error of the code under test.
@@ -54,7 +54,8 @@ def one_process_step(tiny_model_dir, tmp_path_factory):
 def test_two_ranks_match_one_process_on_the_same_global_batch(backend, zero, one_process_step, tiny_model_dir,
                                                               tmp_path):
     out = tmp_path / "two.pt"
-    torchrun(WORKER, "step", "--model", str(tiny_model_dir), "--backend", backend, "--zero", str(zero), "--out", str(out))
+    torchrun(WORKER, "step", "--model", str(tiny_model_dir), "--backend", backend, "--zero", str(zero),
+             "--out", str(out))
     two = torch.load(out)
     # The gradient norm catches a wrong loss scale, which Adam's update alone would hide.
     assert two["stats"]["optim/grad_norm"] == pytest.approx(one_process_step["stats"]["optim/grad_norm"], rel=1e-5)

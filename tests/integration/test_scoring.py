@@ -96,7 +96,8 @@ def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, m
     from rntp.scoring import LOGP_FLOOR, build_batch, policy_logprobs
 
     contexts, rollouts, targets = make_groups()
-    scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=temperature, top_p=top_p)
+    scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=temperature,
+                          top_p=top_p)
     plain = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16)
     torch.testing.assert_close(scored.target_logprobs, plain.target_logprobs)  # the reward is untouched
     for i, r in enumerate(rollouts):

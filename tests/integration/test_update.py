@@ -82,7 +82,8 @@ def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_
                                                                                seed=3))
     targets = [tokenizer.encode(" of the module.", add_special_tokens=False)[:3]] * 3
     matched = score_groups(policy.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=0.7)
-    believed = score_groups(policy, contexts, rollouts, targets, pad_id=0, micro_batch=16)  # the trainer at temperature 1.0
+    # the trainer at temperature 1.0
+    believed = score_groups(policy, contexts, rollouts, targets, pad_id=0, micro_batch=16)
     mask = matched.batch.thought_mask
     assert grpo.mismatch_stats(matched.thought_logprobs, matched.behaviour_logprobs, mask)["max_abs_log_ratio"] < 1e-4
     off = grpo.mismatch_stats(believed.thought_logprobs, believed.behaviour_logprobs, mask)

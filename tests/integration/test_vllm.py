@@ -167,7 +167,8 @@ def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_mod
     spec = SamplingSpec(n=3, max_tokens=6, temperature=0.8, top_p=0.9, seed=9)
     rollouts = sampler.sample([tags.prompt(c) for c in contexts], spec)
     assert all(len(r.behaviour_logprobs) == r.n_sampled for r in rollouts)
-    scored = score_groups(policy, contexts, rollouts, [[284, 262, 1171]] * 2, pad_id=pad_id_of(tokenizer), micro_batch=8,
+    scored = score_groups(policy, contexts, rollouts, [[284, 262, 1171]] * 2, pad_id=pad_id_of(tokenizer),
+                          micro_batch=8,
                           temperature=0.8, top_p=0.9)
     mask = scored.batch.thought_mask
     gap = (scored.thought_logprobs[mask] - scored.behaviour_logprobs[mask]).abs().max().item()

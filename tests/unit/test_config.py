@@ -66,7 +66,8 @@ def test_serve_dry_run_prints_the_vllm_server_command(capsys):
     assert main(["serve", "--dry-run", "--port", "8123", "rollout.server.weight_transfer=gloo", "data.chunk_tokens=64",
                  "rollout.max_thought_tokens=6", "--", "--tensor-parallel-size", "2"]) == 0
     command = capsys.readouterr().out.strip()
-    assert command.startswith("VLLM_SERVER_DEV_MODE=1 ") and "-m vllm.entrypoints.launchers.api_server.entry " in command
+    assert command.startswith("VLLM_SERVER_DEV_MODE=1 ")
+    assert "-m vllm.entrypoints.launchers.api_server.entry " in command
     assert """--weight-transfer-config '{"backend": "gloo"}'""" in command
     assert "--generation-config vllm" in command  # not the model's sampling defaults
     assert command.endswith("--tensor-parallel-size 2")  # arguments after -- go to vLLM unchanged

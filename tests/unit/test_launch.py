@@ -60,7 +60,8 @@ def test_server_mode_dry_run_gives_the_first_nodes_to_vllm_servers(tmp_path):
     lines = [line for line in out.splitlines() if line.startswith("srun on")]
     servers, trainers = lines[:2], lines[2:]
     for host, line in zip(["gpu-a", "gpu-b"], servers):
-        assert line.startswith(f"srun on {host} -> server:") and "-m rntp serve --port 8100 --config configs/demo.yaml" in line
+        assert line.startswith(f"srun on {host} -> server:")
+        assert "-m rntp serve --port 8100 --config configs/demo.yaml" in line
         assert line.endswith("-- --tensor-parallel-size 8")  # one server per node over its 8 GPUs
     assert len(trainers) == 2
     for rank, (host, line) in enumerate(zip(["gpu-c", "gpu-d"], trainers)):

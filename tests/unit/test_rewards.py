@@ -23,7 +23,8 @@ def inputs(target, logp, base, pred, thoughts=None, options=None, tokenizer=None
     return RewardInputs(
         target_ids=torch.tensor(target), target_logprobs=torch.tensor(logp, dtype=torch.float32),
         no_think_logprobs=torch.tensor(base, dtype=torch.float32), target_pred=torch.tensor(pred),
-        thought_ids=thoughts or [[1, 2]] * n, closed=torch.ones(n, dtype=torch.bool), group=torch.zeros(n, dtype=torch.long),
+        thought_ids=thoughts or [[1, 2]] * n, closed=torch.ones(n, dtype=torch.bool),
+        group=torch.zeros(n, dtype=torch.long),
         token_bytes=token_bytes_fn(tokenizer) if tokenizer else (lambda i: str(i).encode()),
         decode=tokenizer.decode if tokenizer else (lambda ids: " ".join(map(str, ids))),
         options=options or RewardConfig())
