@@ -14,6 +14,10 @@ import os
 import statistics
 import tempfile
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from rntp.config import Config
 
 os.environ.setdefault("WANDB_MODE", "disabled")
 
@@ -54,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
 
 
-def mismatch(args, cfg, rows: list[dict], step_s: float) -> None:
+def mismatch(args: argparse.Namespace, cfg: Config, rows: list[dict], step_s: float) -> None:
     """Sampler/trainer mismatch on this config with its own sampler dtype and with a bf16 sampler, and
     what the correction's arithmetic costs against the step."""
     import torch
@@ -95,7 +99,7 @@ def mismatch(args, cfg, rows: list[dict], step_s: float) -> None:
     print(f"correction cost: {1e3 * cost:.3f} ms per step = {100 * cost / step_s:.3f}% of the step (aim < 2%)")
 
 
-def sampler_ratio(cfg, repeats: int) -> None:
+def sampler_ratio(cfg: Config, repeats: int) -> None:
     """Our sampler vs raw `LLM.generate` on identical requests, on one engine, interleaved."""
     from transformers import AutoTokenizer
 
@@ -138,7 +142,7 @@ def sampler_ratio(cfg, repeats: int) -> None:
     sampler.close()
 
 
-def server_cost(config: str, overrides: list[str], cfg, repeats: int) -> None:
+def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) -> None:
     """Server mode vs the in-process engine, same model, same requests: sampling throughput ratio
     and the time to push the full weights (gloo transfer vs in-process reload)."""
     import subprocess

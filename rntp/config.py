@@ -17,40 +17,57 @@ if TYPE_CHECKING:
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A config section. Each field's docstring is its documentation: `config_table()` renders the
+    README's configuration table from them (a test keeps the two in step)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelConfig(Section):
-    # A local Hugging Face folder, a hub name (where the network allows), or the alias
-    # "smollm2-135m" for the offline default that `rntp prepare-model` provisions.
     name_or_path: str = "smollm2-135m"
+    """A local Hugging Face folder, a hub name (where the network allows), or `smollm2-135m`, the offline
+    default that `rntp prepare-model` provisions."""
     dtype: Literal["float32", "bfloat16"] = "float32"
-    # Autocast the training forward to bfloat16 while keeping float32 master weights.
+    """Parameter dtype; `bfloat16` trains in pure bf16 (GPU)."""
     autocast_bf16: bool = False
+    """Autocast the training forward to bfloat16 while keeping float32 master weights."""
     gradient_checkpointing: bool = False
+    """Recompute activations in backward (transformers' gradient checkpointing)."""
     trust_remote_code: bool = False
+    """Let transformers run a model's own code from its folder or the hub."""
 
 
 class DataConfig(Section):
-    # "stdlib-docs" (the offline default corpus), a .txt/.jsonl/.parquet file or folder of
-    # them, a `datasets.save_to_disk` folder, or a hub dataset name.
     source: str = "stdlib-docs"
+    """`stdlib-docs` (the offline default corpus), a `.txt` / `.jsonl` / `.parquet` file or folder of them,
+    a `datasets.save_to_disk` folder, or a hub dataset name."""
     split: str = "train"
+    """The split to read."""
     subset: str | None = Field(None, description="a hub dataset's configuration name, e.g. sample-10BT")
     text_column: str = "text"
+    """The column (or JSONL key) that holds a document's text."""
     streaming: bool = False
+    """Stream the corpus instead of loading it, for corpora larger than memory."""
     shuffle: bool = True
+    """Shuffle documents (through a buffer when streaming)."""
     shuffle_buffer: int = Field(1000, ge=1)
+    """Documents in the shuffle buffer when streaming."""
     chunk_tokens: int = Field(256, ge=8)
+    """Tokens per chunk a document is cut into."""
     positions_per_chunk: int = Field(1, ge=1)
-    # uniform: any position in bounds. entropy: only positions whose next-token entropy under the
-    # frozen initial model (RPT's proxy model) lies in the chunk's [lo, hi] quantile range.
+    """K positions drawn per chunk."""
     position_policy: Literal["uniform", "entropy"] = "uniform"
+    """`uniform`: any position in bounds. `entropy`: only positions whose next-token entropy under the frozen
+    initial model (RPT's proxy model) lies in the chunk's `entropy_quantiles` range."""
     entropy_quantiles: tuple[float, float] = (0.5, 1.0)
+    """The [lo, hi] quantiles of a chunk's entropies that `position_policy=entropy` keeps."""
     min_context: int = Field(32, ge=1)
+    """Fewest context tokens before a position."""
     horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
     max_docs: int | None = Field(None, ge=1)
+    """Read at most this many documents (none = all)."""
     seed: int = 0
+    """Seed of the document shuffle and the position draws."""
 
     @model_validator(mode="after")
     def _fits(self) -> "DataConfig":
@@ -65,53 +82,61 @@ class DataConfig(Section):
 
 
 class VllmConfig(Section):
-    # The sampler's weights: "auto" = model.dtype. bfloat16 halves the engine's memory and the
-    # weight push; the trainer re-scores every thought itself, so the loss uses its own log-probs.
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    """The sampler's weights: `auto` = `model.dtype`. bfloat16 halves the engine's memory and the weight
+    push; the trainer re-scores every thought itself, so the loss uses its own log-probs."""
     kv_cache_gb: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Share of a GPU's memory a colocated engine may take."""
     max_model_len: int | None = Field(None, description="None: context + thought budget + tags")
     enforce_eager: bool = True
-    # Colocated engines on GPUs: 1 puts the engine's weights in CPU memory and drops its KV cache
-    # while the trainer scores and updates; 2 drops the weights too (they are pushed back anyway).
-    # 0 keeps it resident. Needs vLLM's sleep mode (CUDA/ROCm); refused elsewhere.
+    """No CUDA graphs (vLLM's eager mode)."""
     sleep_level: Literal[0, 1, 2] = 0
-    # Colocated engines sharded over this many consecutive ranks (a TP group); the ranks of a
-    # group sample their prompts together. Must divide the world size.
+    """Colocated engines on GPUs: 1 puts the engine's weights in CPU memory and drops its KV cache while the
+    trainer scores and updates; 2 drops the weights too (they are pushed back anyway); 0 keeps it resident.
+    Needs vLLM's sleep mode (CUDA/ROCm); refused elsewhere."""
     tensor_parallel_size: int = Field(1, ge=1)
+    """Colocated engines sharded over this many consecutive ranks (a TP group); the ranks of a group sample
+    their prompts together. Must divide the world size."""
 
 
 class ServerConfig(Section):
     """Rollouts from separately started vLLM servers (`rntp serve`), for models too large to colocate."""
 
     urls: list[str] = Field([], description="base URLs of the servers, e.g. http://node7:8000")
-    # How new weights reach the servers, through vLLM's weight-transfer API: nccl (vLLM's, GPUs)
-    # or gloo (ours, any machine); auto = nccl where CUDA is available. Start the servers with the same.
     weight_transfer: Literal["auto", "nccl", "gloo"] = "auto"
-    # Where the servers' workers meet trainer rank 0 (an address of this host they can reach); None =
-    # 127.0.0.1 when every server is local, else this host's address on the interface that routes to
-    # the first remote server (a warning if that is loopback, e.g. 127.0.1.1 from /etc/hosts: set it
-    # then). Port 0 picks a free one.
+    """How new weights reach the servers, through vLLM's weight-transfer API: `nccl` (vLLM's, GPUs) or `gloo`
+    (ours, any machine); `auto` = nccl where CUDA is available. Start the servers with the same."""
     transfer_address: str | None = None
+    """Where the servers' workers meet trainer rank 0 (an address of this host they can reach); none =
+    127.0.0.1 when every server is local, else this host's address on the interface that routes to the first
+    remote server (a warning if that is loopback, e.g. 127.0.1.1 from /etc/hosts: set it then)."""
     transfer_port: int = Field(0, ge=0, lt=65536)
+    """Port of that meeting point; 0 picks a free one."""
     timeout_s: float = Field(600, gt=0, description="per request and per transfer")
     startup_timeout_s: float = Field(600, gt=0, description="how long to wait for the servers to answer")
     max_concurrent_requests: int = Field(64, ge=1)
+    """HTTP requests in flight at once, per rank."""
 
 
 class RolloutConfig(Section):
-    # server: separately started vLLM servers (`rollout.server`); vllm: an engine per rank (or TP
-    # group) in the trainer's processes; hf: transformers generate on the training model.
     sampler: Literal["auto", "vllm", "hf", "server"] = "auto"
+    """`vllm`: an engine per rank (or TP group) in the trainer's processes; `hf`: transformers `generate` on
+    the training model; `server`: separately started vLLM servers (`rollout.server`); `auto`: vllm where
+    installed, else hf."""
     group_size: int = Field(4, ge=2, description="G: thoughts per position")
     max_thought_tokens: int = Field(32, ge=1, description="T: thought budget")
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (the trainer's log-probs of thought tokens use the same)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass (the trainer's log-probs of thought tokens use the same)."""
     open_tag: str = "<think>"
+    """Text that opens a thought."""
     close_tag: str = "</think>"
-    # After each weight push, compare the sampler's log-probs of one rollout with the trainer's
-    # (metric sync/max_logprob_diff); every N steps, 0 = off. vLLM only.
+    """Text that closes a thought; sampling stops at it."""
     check_sync_every: int = Field(0, ge=0)
+    """After a weight push every N steps, compare the sampler's log-probs of one rollout with the trainer's
+    (metric `sync/max_logprob_diff`); 0 = off. vLLM only."""
     vllm: VllmConfig = VllmConfig()
     server: ServerConfig = ServerConfig()
 
@@ -124,19 +149,25 @@ class RolloutConfig(Section):
 
 class RewardConfig(Section):
     name: str = "target_logprob"
+    """The reward, by its registered name (see `rntp rewards`)."""
     modules: list[str] = Field([], description="modules to import first: where your own @register_reward live")
-    # A weighted sum of registered rewards, e.g. {target_logprob_mean: 1.0, next_token_accuracy: 0.5};
-    # replaces `name` when set.
     weights: dict[str, float] | None = None
-    # The model that gives the no-think score s0 for rewards that use it (info_gain, vrcli).
+    """A weighted sum of registered rewards, e.g. `{target_logprob_mean: 1.0, next_token_accuracy: 0.5}`;
+    replaces `name` when set."""
     baseline: Literal["policy", "initial", "ema"] = "policy"
+    """The model that gives the no-think score s0 for rewards that use it (info_gain, vrcli): the policy,
+    a frozen copy of the initial model, or an EMA teacher."""
     ema_decay: float = Field(0.999, gt=0, lt=1, description="EMA teacher decay (RLP used 0.999)")
     k: int = Field(1, ge=1, description="target tokens for next_token_accuracy and confidence")
     clip_min: float | None = None
+    """Clip rewards below at this value (none = no clip)."""
     clip_max: float | None = None
+    """Clip rewards above at this value (none = no clip)."""
     length_penalty: float = Field(0.0, ge=0, description="subtracted per sampled thought token")
     vrcli_thresholds: list[float] = [0.05, 0.1, 0.2]
+    """VR-CLI's improvement thresholds, increasing."""
     vrcli_values: list[float] = [0.5, 0.9, 1.0]
+    """The reward at or above each threshold."""
 
     @model_validator(mode="after")
     def _steps(self) -> "RewardConfig":
@@ -149,24 +180,28 @@ class RewardConfig(Section):
 
 class GRPOConfig(Section):
     advantage_scale: Literal["group", "batch", "none"] = "group"
+    """Advantages r - mean(group) divided by the group's std (`group`, GRPO), the std over the whole batch
+    and all ranks (`batch`), or nothing (`none`, Dr. GRPO)."""
     clip_low: float = Field(0.2, ge=0)
+    """Lower clip of the ratio, 1 - clip_low."""
     clip_high: float = Field(0.28, ge=0)
-    # seq_mean: GRPO (mean per thought, then over thoughts); token_mean: DAPO (over all
-    # thought tokens); token_sum: Dr. GRPO (sum over tokens / (thoughts * max_thought_tokens)).
+    """Upper clip of the ratio, 1 + clip_high (DAPO's clip-higher when above clip_low)."""
     loss_aggregation: Literal["seq_mean", "token_mean", "token_sum"] = "seq_mean"
+    """`seq_mean`: GRPO (mean per thought, then over thoughts); `token_mean`: DAPO (over all thought tokens);
+    `token_sum`: Dr. GRPO (sum over tokens / (thoughts x max_thought_tokens))."""
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = off")
     nll_coef: float = Field(0.0, ge=0, description="weight of next-token loss on the target")
     epochs: int = Field(1, ge=1, description="optimizer passes over each batch of rollouts")
-    # Dynamic sampling on spread, not mean (rewards are continuous): drop groups whose reward std
-    # is at most this before the update (0 = keep all). Quiet-STaR drops negative advantages.
     min_group_std: float = Field(0.0, ge=0)
+    """Dynamic sampling on spread, not mean (rewards are continuous): drop groups whose reward std is at most
+    this before the update (0 = keep all)."""
     drop_negative_advantages: bool = False
-    # The sampler (vLLM: its own kernels, often bf16) and the trainer give the same thought different
-    # log-probs. Importance weights exp(trainer old - sampler) per thought token correct for it:
-    # token_tis caps each at is_cap (truncated IS), seq_tis caps a thought's product, token_mask and
-    # seq_mask (by the thought's geometric mean) drop what leaves is_band; none = off. On by default:
-    # weights are ~1 when the two agree, and the cost is a few element-wise ops (see README).
+    """Clamp advantages at 0, as Quiet-STaR drops thoughts worse than their group."""
     mismatch_correction: Literal["none", "token_tis", "seq_tis", "token_mask", "seq_mask"] = "token_tis"
+    """The sampler (vLLM: its own kernels, often bf16) and the trainer give the same thought different
+    log-probs. Importance weights exp(trainer old - sampler) per thought token correct for it: `token_tis`
+    caps each at is_cap (truncated IS), `seq_tis` caps a thought's product, `token_mask` and `seq_mask` (by
+    the thought's geometric mean) drop what leaves is_band; `none` = off."""
     is_cap: float = Field(2.0, ge=1, description="C: the largest importance weight (token_tis, seq_tis)")
     is_band: tuple[float, float] = Field((0.5, 2.0), description="ratios kept by token_mask and seq_mask")
 
@@ -180,29 +215,43 @@ class GRPOConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0)
+    """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
     betas: tuple[float, float] = (0.9, 0.99)
+    """AdamW betas."""
     eps: float = 1e-8
+    """AdamW epsilon."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
+    """Learning-rate schedule after warm-up (from `transformers.get_scheduler`)."""
     warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up, in training steps."""
     grad_clip: float = Field(1.0, gt=0)
+    """Clip the gradient norm to this."""
 
 
 class DistConfig(Section):
     """Multi-process training under torchrun. The batch (`train.positions_per_step`) is global."""
 
-    backend: Literal["auto", "none", "ddp", "deepspeed", "fsdp2"] = "auto"  # auto: ddp if world > 1
+    backend: Literal["auto", "none", "ddp", "deepspeed", "fsdp2"] = "auto"
+    """The training engine: `auto` = ddp on several processes, none on one."""
     zero_stage: Literal[1, 2, 3] = 2
+    """DeepSpeed ZeRO stage."""
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; default configs/deepspeed/zero<stage>.json")
     weight_bucket_mb: float = Field(256, gt=0, description="weights pushed to the sampler in buckets of this size")
 
 
 class LogConfig(Section):
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    """Weights & Biases: `online` with `WANDB_API_KEY`, `offline`, or `disabled`."""
     wandb_project: str = "rntp"
+    """W&B project."""
     wandb_group: str | None = None
+    """W&B group (a sweep sets it)."""
     progress: bool = True
+    """Show a progress bar."""
     plot: bool = True
+    """Write training.png at the end."""
     sample_thoughts: int = Field(2, ge=0, description="thoughts printed to samples.jsonl per step")
 
 
@@ -212,30 +261,39 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0, description="during training: evaluate every N steps (0 = off)")
     data: str | None = Field(None, description="held-out source; None = data.source with `split`")
     split: str = "heldout"
+    """The held-out split."""
     num_positions: int = Field(32, ge=1)
+    """Held-out positions, drawn once."""
     thoughts: int = Field(4, ge=1, description="k sampled thoughts per position")
     max_thought_tokens: int | None = Field(None, ge=1, description="None = rollout.max_thought_tokens")
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature of the evaluation's thoughts."""
     seed: int = 1234
+    """Seed of the held-out positions and thoughts."""
     batch_positions: int = Field(8, ge=1, description="positions per scoring batch (bounds memory)")
-    # Difficulty = next-token entropy (nats) of the base model at the position.
     easy_below: float = Field(1.0, ge=0)
+    """A position is easy below this next-token entropy (nats) of the base model."""
     hard_above: float = Field(3.0, ge=0)
+    """A position is hard above this next-token entropy (nats) of the base model."""
     base_model: str | None = Field(None, description="model that defines difficulty; None = model.name_or_path")
     samples: int = Field(4, ge=0, description="thoughts kept for reading")
 
 
 class TrainConfig(Section):
     steps: int = Field(20, ge=1)
+    """Training steps."""
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     seed: int = 0
+    """Seed of the run (sampling, initialisation of RNGs)."""
 
 
 class Config(Section):
     run_dir: str = "runs/default"
+    """Where the run writes config, metrics, samples and checkpoints."""
     resume: str | None = None
+    """A checkpoint or run folder to continue from."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -301,3 +359,46 @@ def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
     """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
     return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
                                               cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)
+
+
+def config_table(model: type[BaseModel] = Config) -> str:
+    """The README's configuration table: one row per key, its default and its field docstring."""
+    rows = ["| key | default | meaning |", "| --- | --- | --- |"]
+
+    def show(value) -> str:
+        if value is None:
+            return "none"
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, str):
+            return f"`{value}`" if value else "`\"\"`"
+        if isinstance(value, (list, tuple, dict)) and not value:
+            return "[]" if isinstance(value, list) else "{}" if isinstance(value, dict) else "()"
+        return str(value)
+
+    def walk(cls: type[BaseModel], prefix: str) -> None:
+        for name, field in cls.model_fields.items():
+            kind = field.annotation
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                walk(kind, f"{prefix}{name}.")
+                continue
+            meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+            rows.append(f"| `{prefix}{name}` | {show(field.default)} | {meaning} |")
+
+    walk(model, "")
+    return "\n".join(rows) + "\n"
+
+
+TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+
+
+def render_readme_table(readme: str) -> str:
+    """`readme` with the text between the config-table markers replaced by `config_table()`."""
+    head, rest = readme.split(TABLE_START, 1)
+    _, tail = rest.split(TABLE_END, 1)
+    return f"{head}{TABLE_START}\n{config_table()}{TABLE_END}{tail}"
+
+
+if __name__ == "__main__":  # python -m rntp.config: rewrite the README's configuration table
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    readme.write_text(render_readme_table(readme.read_text()))

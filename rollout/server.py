@@ -20,6 +20,7 @@ import logging
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 import requests
@@ -31,6 +32,9 @@ from rollout.base import SamplingSpec, WeightStream
 from rollout.net import free_port
 from rollout.spans import Rollout, ThinkTags
 from rollout.vllm_utils import cpu_kv_cache_space, engine_dtype, thought_request
+
+if TYPE_CHECKING:
+    from rntp.config import Config, ServerConfig
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ def transfer_address(urls: list[str], configured: str | None = None) -> str:
 
 
 class ServerSampler:
-    def __init__(self, cfg, tags: ThinkTags):
+    def __init__(self, cfg: ServerConfig, tags: ThinkTags):
         import torch.distributed as dist
 
         self.cfg, self.tags = cfg, tags
@@ -270,7 +274,7 @@ class ServerSampler:
 VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
-def serve_command(model_path: str, cfg, *, host: str, port: int, max_model_len: int,
+def serve_command(model_path: str, cfg: Config, *, host: str, port: int, max_model_len: int,
                   vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
     """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
     vLLM's OpenAI-compatible server with its RL routes (VLLM_SERVER_DEV_MODE) and the weight-transfer

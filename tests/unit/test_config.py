@@ -73,3 +73,27 @@ def test_serve_dry_run_prints_the_vllm_server_command(capsys):
     assert command.endswith("--tensor-parallel-size 2")  # arguments after -- go to vLLM unchanged
     # context 64 + thought 6 + the tags' tokens + slack, so no sequence the sampler sees is cut
     assert int(command.split("--max-model-len ")[1].split()[0]) >= 64 + 6 + 2
+
+
+def test_readme_configuration_table_is_generated_from_the_models():
+    """Every key of every section has a docstring, and the README's table is `config_table()`
+    (run `python -m rntp.config` after changing a field)."""
+    from pathlib import Path
+
+    from pydantic import BaseModel
+
+    from rntp.config import config_table, render_readme_table
+
+    def leaves(cls, prefix=""):
+        for name, field in cls.model_fields.items():
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                yield from leaves(field.annotation, f"{prefix}{name}.")
+            else:
+                yield f"{prefix}{name}", field
+
+    undocumented = [key for key, field in leaves(Config) if not (field.description or "").strip()]
+    assert not undocumented, f"config fields without a docstring: {undocumented}"
+    table = config_table()
+    assert all(f"| `{key}` |" in table for key, _ in leaves(Config))
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert render_readme_table(readme) == readme, "README's configuration table is stale: run python -m rntp.config"
