@@ -173,3 +173,23 @@ def test_helpers_where_they_moved():
     assert cpu_kv_cache_space(load_config(None, ["rollout.vllm.kv_cache_gb=0.2"]).rollout.vllm) == "1"
     with pytest.raises(ValueError, match="unknown sampler"):
         make_sampler("nope", "", None)
+
+
+def test_readme_layout_matches_the_tree():
+    """Every file the README's Layout names exists in its folder, and every module of the packages
+    it details is named there."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    for line in layout.splitlines():
+        match = re.match(r"\| `([\w/]+)/` \| (.*) \|$", line)
+        if not match:
+            continue
+        folder, text = ROOT / match.group(1), match.group(2)
+        named = set(re.findall(r"`([\w]+\.py)`", text))
+        for name in named:
+            assert (folder / name).is_file(), f"README Layout names {match.group(1)}/{name}, which does not exist"
+        if match.group(1) in ("rntp/engines", "rewards", "rollout"):
+            present = {p.name for p in folder.glob("*.py")} - {"__init__.py"}
+            assert present <= named, f"{match.group(1)}: not in the README's Layout: {sorted(present - named)}"
