@@ -91,6 +91,54 @@ def test_compare_tolerates_a_torn_last_line_and_names_a_bad_line(tmp_path, capsy
     assert f"{run / 'metrics.jsonl'}: line 2 is not valid JSON" in err and "Traceback" not in err
 
 
+def run_until(cmd, env, stop_when, timeout=300):
+    """Start a training process and SIGKILL it as soon as `stop_when()` holds (what a node failure,
+    the OOM killer or SLURM's final kill does: no handler runs)."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not stop_when():
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before the fault: " + proc.stderr.read()[-2000:]
+    proc.kill()
+    proc.wait()
+    return proc.returncode
+
+
+def test_sigkill_after_logging_and_mid_checkpoint_then_resume_reproduces_the_run(
+        tiny_model_dir, corpus_file, tmp_path):
+    common = ["train.steps=6", "train.save_every=2", "optim.lr=1e-3"]
+    train(load_config(None, overrides(tiny_model_dir, corpus_file, tmp_path / "full", *common)))
+    run = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "rntp", "train", *overrides(tiny_model_dir, corpus_file, run, *common)]
+    # a step is fully logged once its samples are flushed (they follow its metrics row)
+    logged = lambda step: (run / "samples.jsonl").exists() and \
+        (run / "samples.jsonl").read_text().count(f'{{"step": {step},') == 2  # noqa: E731
+    # fault 1: step 3 logged (metrics and samples), its checkpoint not due until step 4
+    assert run_until(cmd, env, lambda: logged(3)) == -signal.SIGKILL
+    # fault 2: in the middle of writing step 4's checkpoint (or, if that was too quick to catch, after step 5)
+    staging = run / "checkpoints" / ".step_000004.tmp"
+    fault = lambda: (logged(4) and staging.exists()) or logged(5)  # noqa: E731
+    assert run_until(cmd + [f"resume={run}"], env, fault) == -signal.SIGKILL
+    print("fault 2 hit", "a checkpoint being written" if staging.exists() else "the run after step 5")
+    train(load_config(None, overrides(tiny_model_dir, corpus_file, run, *common, f"resume={run}")))
+    full, resumed = rows(tmp_path / "full" / "metrics.jsonl"), rows(run / "metrics.jsonl")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(full, resumed):
+        for key in ("reward/mean", "score/no_think", "optim/grad_norm", "optim/lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (a["step"], key)
+    assert rows(run / "samples.jsonl") == rows(tmp_path / "full" / "samples.jsonl")  # each step once, same thoughts
+    a = load_trainer_state(find_checkpoint(tmp_path / "full"))
+    b = load_trainer_state(find_checkpoint(run))
+    assert a["step"] == b["step"] == 6 and a["ranks"][0]["data"] == b["ranks"][0]["data"]
+    from safetensors.torch import load_file
+
+    wa = load_file(find_checkpoint(tmp_path / "full") / "model.safetensors")
+    wb = load_file(find_checkpoint(run) / "model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 # ---- 2: a folder that already holds a run ---------------------------------------------------------------
 
 def test_a_folder_holding_a_run_is_refused_kept_intact_and_overwritten_only_when_asked(
