@@ -218,6 +218,17 @@ def test_a_damaged_checkpoint_is_detected_and_the_newest_intact_one_used(two_che
         find_checkpoint(run)
 
 
+def test_eval_of_a_run_folder_leaves_out_a_damaged_checkpoint(two_checkpoints, tmp_path, caplog):
+    from rntp.evaluate import discover
+
+    run = tmp_path / "run"
+    shutil.copytree(two_checkpoints, run)
+    truncate(run / "checkpoints" / "step_000001" / "trainer_state.pt")
+    with caplog.at_level(logging.WARNING, logger="rntp.evaluate"):
+        labels = [m["label"] for m in discover([str(run)])]
+    assert labels[1:] == ["step_000002"] and "skipping damaged checkpoint" in caplog.text
+
+
 def test_an_older_checkpoint_without_manifest_gets_structural_checks(two_checkpoints, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
