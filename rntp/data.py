@@ -192,6 +192,10 @@ class PositionStream:
         self.stats.clear()  # in place: a streamed text reader counts into this very Counter
         self.stats.update(state.get("stats", {}))
         self._stream = state.get("stream")
+        if self.streaming and self._stream is None and (self.doc, self.chunk, self.pos) != (0, 0, 0):
+            log.warning("this data cursor has no streamed-reader state (an older checkpoint): the stream "
+                        "restarts at the beginning of epoch %d", self.epoch)
+            self.doc = self.chunk = self.pos = 0
         self._it = None
 
     def _streamed_docs(self, epoch: int) -> Iterator[tuple[int, str]]:

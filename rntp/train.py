@@ -201,7 +201,7 @@ def train(cfg: Config) -> Path | None:
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
     # A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all).
-    resume_inside = bool(cfg.resume) and Path(cfg.resume).resolve().is_relative_to(run_dir.resolve())
+    resume_inside = bool(cfg.resume) and Path(cfg.resume).expanduser().resolve().is_relative_to(run_dir.resolve())
     problem = broadcast_object(run_dir_problem(run_dir, resume_inside, cfg.overwrite) if info.is_main else None)
     if problem:
         raise ValueError(problem)
