@@ -212,7 +212,17 @@ def train(cfg: Config) -> Path | None:
         raise ValueError(f"train.positions_per_step={cfg.train.positions_per_step} must divide among "
                          f"{info.world_size} ranks")
     positions_per_rank = cfg.train.positions_per_step // info.world_size
-    resume_dir = find_checkpoint(cfg.resume) if cfg.resume else None
+    resume_dir = None
+    if cfg.resume:  # rank 0 verifies the checkpoint (reading it once, not once per rank) for every rank
+        found = None
+        if info.is_main:
+            try:
+                found = find_checkpoint(cfg.resume)
+            except (FileNotFoundError, ValueError) as e:
+                found = e
+        resume_dir = broadcast_object(found)
+        if isinstance(resume_dir, Exception):
+            raise resume_dir
     base_path = resolve_model_path(cfg.model.name_or_path)
     model_path = str(resume_dir or base_path)
     random.seed(cfg.train.seed)
