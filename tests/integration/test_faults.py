@@ -251,7 +251,7 @@ def test_resume_falls_back_past_a_damaged_checkpoint_and_finishes(two_checkpoint
     assert "skipped damaged checkpoint(s) step_000002" in caplog.text
     assert final.name == "step_000003" and load_trainer_state(final)["step"] == 3
     assert [r["step"] for r in rows(run / "metrics.jsonl")] == [1, 2, 3]  # step 2 trained again, logged once
-    assert find_checkpoint(run) == final  # the new step 2 replaced the damaged one on the way
+    assert find_checkpoint(run) == final  # the newest intact one; the damaged step 2 is left as it was found
 
 
 # ---- 5, 6, 7: bad input is one readable line, before any model loads -----------------------------------
