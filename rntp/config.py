@@ -7,14 +7,25 @@ forbids unknown keys, so a typo is a clear error before any model loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 (`train.steps=true` ran one step) and 1 as true.
+        wants_bool = cls.model_fields[info.field_name].annotation in (bool, "bool")
+        if isinstance(value, bool) and not wants_bool:
+            raise ValueError(f"got the boolean {str(value).lower()}, which is not a valid value here")
+        if wants_bool and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
 
 
 class ModelConfig(Section):
@@ -47,7 +58,7 @@ class DataConfig(Section):
     min_context: int = Field(32, ge=1)
     horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
     max_docs: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _fits(self) -> "DataConfig":
@@ -67,7 +78,7 @@ class VllmConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     kv_cache_gb: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
-    max_model_len: int | None = Field(None, description="None: context + thought budget + tags")
+    max_model_len: int | None = Field(None, ge=1, description="None: context + thought budget + tags")
     enforce_eager: bool = True
     # Colocated engines on GPUs: 1 puts the engine's weights in CPU memory and drops its KV cache
     # while the trainer scores and updates; 2 drops the weights too (they are pushed back anyway).
@@ -178,8 +189,8 @@ class GRPOConfig(Section):
 class OptimConfig(Section):
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.99)
-    eps: float = 1e-8
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.99)
+    eps: float = Field(1e-8, gt=0)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
@@ -213,7 +224,7 @@ class EvalConfig(Section):
     thoughts: int = Field(4, ge=1, description="k sampled thoughts per position")
     max_thought_tokens: int | None = Field(None, ge=1, description="None = rollout.max_thought_tokens")
     temperature: float = Field(1.0, gt=0)
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     batch_positions: int = Field(8, ge=1, description="positions per scoring batch (bounds memory)")
     # Difficulty = next-token entropy (nats) of the base model at the position.
     easy_below: float = Field(1.0, ge=0)
@@ -227,12 +238,15 @@ class TrainConfig(Section):
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class Config(Section):
     run_dir: str = "runs/default"
     resume: str | None = None
+    # Start afresh in a run_dir that already holds a run, deleting its checkpoints, metrics and
+    # samples. Without it (or `resume`) such a folder is refused, so no run is lost by accident.
+    overwrite: bool = False
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -249,6 +263,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says why."""
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with a syntax error turned into one line that names the file or override."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
@@ -256,7 +281,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     keys = key.strip().split(".")
     if not all(keys):
         raise ConfigError(f"override {text!r} has an empty key")
-    return keys, yaml.safe_load(raw) if raw.strip() else None
+    return keys, parse_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
 def set_nested(tree: dict, keys: list[str], value: Any) -> None:
@@ -274,7 +299,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for text in overrides:

@@ -12,7 +12,6 @@ import copy
 import json
 import logging
 import random
-import signal
 from functools import partial
 from pathlib import Path
 
@@ -27,15 +26,17 @@ from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_log
 from rewards.scoring import policy_logprobs
 from rewards.functions import token_bytes_fn
 from rewards.scoring import SequenceBatch
-from rntp import grpo
+from rntp import grpo, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config
 from rntp.data import PositionStream
-from rntp.distributed import Engine, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
+from rntp.distributed import (Engine, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
+                              shutdown_distributed)
 from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.models import load_policy, load_trainable
 from rntp.prepare import resolve_model_path
+from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
 
@@ -178,32 +179,51 @@ def reduce_rows(rows: list[dict]) -> dict:
 
 class StopRequest:
     """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit warnings) ask the loop to checkpoint and
-    leave at the end of the current step; any rank's request stops every rank."""
+    leave at the end of the current step; any rank's request stops every rank. The handlers
+    (`rntp.stopping`) are in place from the start, so a request during start-up counts too."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners): no handler
-                pass
+        stopping.install()
 
-    def _handle(self, signum, frame):
-        log.warning("received signal %d: checkpointing at the end of this step", signum)
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return stopping.requested()
 
     def any_rank(self) -> bool:
         return all_reduce_sum([float(self.requested)])[0] > 0
 
     def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        stopping.restore()
 
 
-def train(cfg: Config) -> Path:
+def check_max_model_len(cfg: Config, tags: ThinkTags) -> None:
+    """A sampler length below the longest sequence (chunk, tags, thought budget) would fail mid-run."""
+    given = cfg.rollout.vllm.max_model_len
+    thought = max(cfg.rollout.max_thought_tokens, (cfg.eval.max_thought_tokens or 0) if cfg.eval.every else 0)
+    need = cfg.data.chunk_tokens + len(tags.open_ids) + thought + len(tags.close_ids)
+    if given is not None and given < need:
+        raise ValueError(f"rollout.vllm.max_model_len={given} is below the {need} tokens the longest sequence needs "
+                         f"(data.chunk_tokens {cfg.data.chunk_tokens} + open tag {len(tags.open_ids)} + thought "
+                         f"{thought} + close tag {len(tags.close_ids)}); raise it or leave it unset")
+
+
+def load_tokenizer(path: str):
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a damaged tokenizer file: name the folder, not a parser traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {first}") from None
+
+
+def train(cfg: Config) -> Path | None:
+    stop = StopRequest()  # first: a SIGTERM during start-up ends the run cleanly too
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    # A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all).
+    resume_inside = bool(cfg.resume) and Path(cfg.resume).expanduser().resolve().is_relative_to(run_dir.resolve())
+    problem = broadcast_object(run_dir_problem(run_dir, resume_inside, cfg.overwrite) if info.is_main else None)
+    if problem:
+        raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in reward_names(cfg.reward):  # an unknown reward fails before any model loads
         get_reward(name)
@@ -211,33 +231,49 @@ def train(cfg: Config) -> Path:
         raise ValueError(f"train.positions_per_step={cfg.train.positions_per_step} must divide among "
                          f"{info.world_size} ranks")
     positions_per_rank = cfg.train.positions_per_step // info.world_size
-    resume_dir = find_checkpoint(cfg.resume) if cfg.resume else None
+    resume_dir = None
+    if cfg.resume:  # rank 0 verifies the checkpoint (reading it once, not once per rank) for every rank
+        found = None
+        if info.is_main:
+            try:
+                found = find_checkpoint(cfg.resume)
+            except (FileNotFoundError, ValueError) as e:
+                found = e
+        resume_dir = broadcast_object(found)
+        if isinstance(resume_dir, Exception):
+            raise resume_dir
     base_path = resolve_model_path(cfg.model.name_or_path)
     model_path = str(resume_dir or base_path)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
-    # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    # Tokenizer, tags and data first (each rank its own documents): bad data or lengths are one
+    # clear error before any model loads. Then the model, frozen initial copy, EMA teacher.
+    tokenizer = load_tokenizer(model_path)
     pad_id = pad_id_of(tokenizer)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    check_max_model_len(cfg, tags)
+    # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
+    # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
+    needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
+    initial = None  # loaded below; the entropy filter reads it only once positions are drawn
+    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
+                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if needs_initial else None)
+    problems = [p for p in all_gather_object(stream.problem()) if p]
+    if problems:  # every rank stops, not only the one without data
+        raise ValueError(problems[0])
     G = cfg.rollout.group_size
     passes = -(-positions_per_rank * G // cfg.train.micro_batch)
     fixed_passes = passes if info.world_size > 1 or cfg.dist.backend == "deepspeed" else None
     policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
     policy.train()
-    # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
-    # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
-    needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
     sharded = cfg.dist.backend == "fsdp2" or (cfg.dist.backend == "deepspeed" and cfg.dist.zero_stage == 3)
     ema = make_ema(load_policy(model_path, cfg, info.device) if sharded else policy) \
         if cfg.reward.baseline == "ema" else None
     baseline_model = {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline]
-    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     token_bytes = token_bytes_fn(tokenizer)
-    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
-                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if initial is not None else None)
     # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
     sampler_model = load_policy(model_path, cfg, info.device).eval() if cfg.rollout.sampler == "hf" and sharded \
         else None
@@ -272,14 +308,22 @@ def train(cfg: Config) -> Path:
                            vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
     if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
+    if stop.any_rank():  # asked to stop during start-up: nothing trained, nothing new to save
+        log.warning("stop requested during start-up; leaving before step %d with nothing new to save", start_step + 1)
+        sampler.close()
+        stop.restore()
+        shutdown_distributed()
+        return resume_dir
     config_yaml = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
     metrics = samples_file = None
     if info.is_main:
+        if cfg.overwrite and not resume_inside:  # asked for; after every check, before the first write
+            clear_run(run_dir)
         (run_dir / "config.yaml").write_text(config_yaml)
         metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
                                 project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
+        cut_jsonl(run_dir / "samples.jsonl", start_step)  # a crashed run's samples after its checkpoint go
         samples_file = open(run_dir / "samples.jsonl", "a")
-    stop = StopRequest()
     dropped_groups = dropped_low_spread = 0
     bar = tqdm(range(start_step + 1, cfg.train.steps + 1), initial=start_step, total=cfg.train.steps,
                disable=not (cfg.log.progress and info.is_main), desc="train", dynamic_ncols=True)
@@ -342,7 +386,8 @@ def train(cfg: Config) -> Path:
                                    fixed_passes, behaviour=scored.behaviour_logprobs) \
                 if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
             lr = engine.lr()
-            engine.step_scheduler()
+            if update:  # the schedule follows optimizer steps: a step that kept no group leaves lr as it is
+                engine.step_scheduler()
 
         # 5. New weights to the sampler (and the EMA teacher), in buckets gathered from any shards.
         with timer("sync"):
@@ -362,7 +407,8 @@ def train(cfg: Config) -> Path:
         without = no_think[group].sum(-1) / H
         thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
         sampled_tokens = int(thought_len.sum())
-        scored_tokens = sum(p.p + H for p in positions) + sum(len(r.thought_ids) + 1 + H for r in rollouts)
+        open_len = len(tags.open_ids)  # the open tag is several tokens with most tokenizers
+        scored_tokens = sum(p.p + H for p in positions) + sum(open_len + len(r.thought_ids) + H for r in rollouts)
         update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
         finite = rewards[torch.isfinite(rewards)]
         row = {
@@ -420,7 +466,7 @@ def train(cfg: Config) -> Path:
 
     stop.restore()
     sampler.close()
-    final = find_checkpoint(run_dir)
+    final = find_checkpoint(run_dir, checksums=False)  # just written and verified by size; no re-hash
     if info.is_main:
         samples_file.close()
         plot = metrics.plot() if cfg.log.plot else None
