@@ -35,7 +35,7 @@ prepare: install
 	$(BIN)/rntp prepare-data
 
 demo: prepare
-	$(BIN)/rntp train --config configs/demo.yaml
+	$(BIN)/rntp train --config configs/demo.yaml overwrite=true   # each demo starts runs/demo afresh
 
 test: lint prepare
 	$(BIN)/python -m pytest tests -m "not gpu"

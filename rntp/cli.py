@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
+            from rntp import stopping
+
+            stopping.install()  # before the heavy imports: a SIGTERM during start-up exits cleanly
             from rntp.config import load_config
 
             cfg = load_config(args.config, args.overrides)  # validated before anything heavy loads
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             width = max(map(len, REWARDS))
             for name in sorted(REWARDS):
                 print(f"{name:<{width}}  {REWARDS[name].formula}")
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
+    except (ConfigError, OSError, KeyError, ValueError) as e:  # user errors: one line, no traceback
         print(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     return 0

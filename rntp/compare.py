@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import csv
 import html
-import json
 from pathlib import Path
+
+from rntp.runfiles import read_jsonl
 
 # metric -> whether higher is better (for "best")
 COMPARED = {
@@ -20,7 +21,7 @@ def load_run(run_dir: Path) -> dict:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (not a run folder)")
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics)  # a torn last line is dropped; other bad lines are named
     return {"name": run_dir.name, "dir": str(run_dir), "rows": rows}
 
 

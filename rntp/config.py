@@ -7,10 +7,10 @@ forbids unknown keys, so a typo is a clear error before any model loads.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:
     from rollout.spans import ThinkTags
@@ -21,6 +21,17 @@ class Section(BaseModel):
     README's configuration table from them (a test keeps the two in step)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true as 1 (`train.steps=true` ran one step) and 1 as true.
+        wants_bool = cls.model_fields[info.field_name].annotation in (bool, "bool")
+        if isinstance(value, bool) and not wants_bool:
+            raise ValueError(f"got the boolean {str(value).lower()}, which is not a valid value here")
+        if wants_bool and not isinstance(value, bool):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value
 
 
 class ModelConfig(Section):
@@ -66,7 +77,7 @@ class DataConfig(Section):
     horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
     max_docs: int | None = Field(None, ge=1)
     """Read at most this many documents (none = all)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed of the document shuffle and the position draws."""
 
     @model_validator(mode="after")
@@ -88,7 +99,7 @@ class VllmConfig(Section):
     kv_cache_gb: float = Field(2.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
     """Share of a GPU's memory a colocated engine may take."""
-    max_model_len: int | None = Field(None, description="None: context + thought budget + tags")
+    max_model_len: int | None = Field(None, ge=1, description="None: context + thought budget + tags")
     enforce_eager: bool = True
     """No CUDA graphs (vLLM's eager mode)."""
     sleep_level: Literal[0, 1, 2] = 0
@@ -218,12 +229,13 @@ class OptimConfig(Section):
     """AdamW learning rate."""
     weight_decay: float = Field(0.0, ge=0)
     """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.99)
     """AdamW betas."""
-    eps: float = 1e-8
+    eps: float = Field(1e-8, gt=0)
     """AdamW epsilon."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    """Learning-rate schedule after warm-up (from `transformers.get_scheduler`)."""
+    """Learning-rate schedule after warm-up (from `transformers.get_scheduler`), advanced per optimizer step
+    (a step whose groups were all dropped leaves the lr as it was, on every backend)."""
     warmup_steps: int = Field(0, ge=0)
     """Linear warm-up, in training steps."""
     grad_clip: float = Field(1.0, gt=0)
@@ -268,7 +280,7 @@ class EvalConfig(Section):
     max_thought_tokens: int | None = Field(None, ge=1, description="None = rollout.max_thought_tokens")
     temperature: float = Field(1.0, gt=0)
     """Sampling temperature of the evaluation's thoughts."""
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
     """Seed of the held-out positions and thoughts."""
     batch_positions: int = Field(8, ge=1, description="positions per scoring batch (bounds memory)")
     easy_below: float = Field(1.0, ge=0)
@@ -285,7 +297,7 @@ class TrainConfig(Section):
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seed of the run (sampling, initialisation of RNGs)."""
 
 
@@ -294,6 +306,9 @@ class Config(Section):
     """Where the run writes config, metrics, samples and checkpoints."""
     resume: str | None = None
     """A checkpoint or run folder to continue from."""
+    overwrite: bool = False
+    """Start afresh in a run_dir that already holds a run, deleting its checkpoints, metrics and samples.
+    Without it (or `resume`) such a folder is refused, so no run is lost by accident."""
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     rollout: RolloutConfig = RolloutConfig()
@@ -310,6 +325,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says why."""
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """yaml.safe_load with a syntax error turned into one line that names the file or override."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key.sub=value")
@@ -317,7 +343,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     keys = key.strip().split(".")
     if not all(keys):
         raise ConfigError(f"override {text!r} has an empty key")
-    return keys, yaml.safe_load(raw) if raw.strip() else None
+    return keys, parse_yaml(raw, f"override {text!r}") if raw.strip() else None
 
 
 def set_nested(tree: dict, keys: list[str], value: Any) -> None:
@@ -335,7 +361,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
     for text in overrides:
@@ -359,6 +385,17 @@ def max_sequence_len(cfg: Config, tags: ThinkTags) -> int:
     """The longest sequence the sampler sees: context, open tag, thought, close tag (and slack)."""
     return cfg.rollout.vllm.max_model_len or (cfg.data.chunk_tokens + len(tags.open_ids) +
                                               cfg.rollout.max_thought_tokens + len(tags.close_ids) + 8)
+
+
+def check_max_model_len(cfg: Config, tags: ThinkTags) -> None:
+    """A sampler length below the longest sequence (chunk, tags, thought budget) would fail mid-run."""
+    given = cfg.rollout.vllm.max_model_len
+    thought = max(cfg.rollout.max_thought_tokens, (cfg.eval.max_thought_tokens or 0) if cfg.eval.every else 0)
+    need = cfg.data.chunk_tokens + len(tags.open_ids) + thought + len(tags.close_ids)
+    if given is not None and given < need:
+        raise ValueError(f"rollout.vllm.max_model_len={given} is below the {need} tokens the longest sequence needs "
+                         f"(data.chunk_tokens {cfg.data.chunk_tokens} + open tag {len(tags.open_ids)} + thought "
+                         f"{thought} + close tag {len(tags.close_ids)}); raise it or leave it unset")
 
 
 def config_table(model: type[BaseModel] = Config) -> str:

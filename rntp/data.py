@@ -15,11 +15,12 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import datasets
+from datasets.distributed import split_dataset_by_node
 import numpy as np
 import torch
 
 from rntp.config import DataConfig
-from rntp.prepare import DEFAULT_CORPUS, default_corpus_dir
+from rntp.prepare import DEFAULT_CORPUS, default_corpus_dir, hub_name, hub_offline
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +48,29 @@ class Position:
         return list(self.chunk[self.p : self.p + self.horizon])
 
 
+def looks_binary(text: str | bytes) -> bool:
+    """NUL bytes, or more than 10% of characters that text does not have (undecodable bytes,
+    control characters): a binary file or blob, not a document."""
+    if isinstance(text, bytes):
+        if b"\x00" in text:
+            return True
+        text = text.decode("utf-8", errors="replace")
+    if "\x00" in text:
+        return True
+    odd = sum(1 for c in text if c == "\ufffd" or (c < " " and c not in "\t\n\r\f\v"))
+    return odd > 0.1 * max(len(text), 1)
+
+
 def read_text_files(files: list[str], text_column: str, stats: Counter) -> Iterator[dict]:
     """Tolerant reader: a .txt file is one document; a .jsonl line is one record. Lines with
-    undecodable bytes or broken JSON are skipped and counted."""
+    undecodable bytes or broken JSON are skipped and counted, binary files too."""
     for name in files:
         path = Path(name)
+        with open(path, "rb") as f:
+            head = f.read(8192)
+        if looks_binary(head):
+            stats["binary_files"] += 1
+            continue
         if path.suffix == ".txt":
             kept = []
             with open(path, "rb") as f:
@@ -124,8 +143,15 @@ def load_documents(cfg: DataConfig, stats: Counter, split: str | None = None):
                         raise ValueError(f"no documents could be read from {path} ({dict(stats)})")
     elif source.startswith((".", "/", "~")):
         raise FileNotFoundError(f"data source does not exist: {source}")
-    else:  # a hub dataset name (needs network access)
-        ds = datasets.load_dataset(source, cfg.subset, split=split, streaming=cfg.streaming)
+    else:  # a hub dataset name (needs network access, or datasets' cache)
+        hub_name(source, "data.source")
+        try:
+            ds = datasets.load_dataset(source, cfg.subset, split=split, streaming=cfg.streaming)
+        except Exception as e:  # the hub client's traceback says little; one line says what was tried
+            offline = " with HF_HUB_OFFLINE=1" if hub_offline() else ""
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise FileNotFoundError(f"data.source={source!r} is neither a local path nor reachable as a hub "
+                                    f"dataset{offline} ({first})") from None
     names = ds.column_names if ds.column_names is not None else [column]
     if column not in names:
         raise ValueError(f"text column {column!r} not in {source} (columns: {names})")
@@ -148,27 +174,81 @@ class PositionStream:
         self.stats: Counter = Counter()
         self.docs = load_documents(cfg, self.stats, split)
         self.streaming = isinstance(self.docs, datasets.IterableDataset)
+        if self.streaming and world_size > 1:
+            # Each rank reads only its share: whole shards when they divide among the ranks, else
+            # every world_size-th document. (A map-style dataset is in memory: ranks take doc % world.)
+            self.docs = split_dataset_by_node(self.docs, rank=rank, world_size=world_size)
         self.epoch = self.doc = self.chunk = self.pos = 0  # the next position to yield
+        self._stream: dict | None = None  # streaming: datasets' cursor, shuffle buffer, document in progress
+        self.docs_read = 0  # documents pulled from a streamed source by this process (what a resume costs)
         self._it: Iterator[Position] | None = None
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "doc": self.doc, "chunk": self.chunk, "pos": self.pos,
-                "stats": dict(self.stats)}
+                "stats": dict(self.stats), "stream": self._stream}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.doc, self.chunk, self.pos = (state[k] for k in ("epoch", "doc", "chunk", "pos"))
-        self.stats = Counter(state.get("stats", {}))
+        self.stats.clear()  # in place: a streamed text reader counts into this very Counter
+        self.stats.update(state.get("stats", {}))
+        self._stream = state.get("stream")
+        if self.streaming and self._stream is None and (self.doc, self.chunk, self.pos) != (0, 0, 0):
+            log.warning("this data cursor has no streamed-reader state (an older checkpoint): the stream "
+                        "restarts at the beginning of epoch %d", self.epoch)
+            self.doc = self.chunk = self.pos = 0
         self._it = None
+
+    def _streamed_docs(self, epoch: int) -> Iterator[tuple[int, str]]:
+        """This rank's share of a streamed corpus through a seeded shuffle buffer. The state saved
+        with each document (datasets' own iterator state, the buffer, the RNG, the document in
+        progress) lets a resume continue exactly without re-reading what was consumed: datasets
+        skips the consumed shards and rows, the buffer comes back from the checkpoint."""
+        cfg, world, rank = self.cfg, self.world_size, self.rank
+        saved = self._stream if self._stream and self._stream["epoch"] == epoch else None
+        self.docs.set_epoch(epoch)  # a state loaded for another epoch does not apply to this one
+        rng = np.random.default_rng([cfg.seed, epoch, rank])
+        buffer: list[tuple[int, str]] = []
+        next_id, ds_state = 0, None
+        if saved:
+            self.docs.load_state_dict(saved["ds"])
+            rng.bit_generator.state = saved["rng"]
+            buffer = [(int(d), t) for d, t in saved["buffer"]]
+            next_id, ds_state = saved["next_id"], saved["ds"]
+            yield saved["current"][0], saved["current"][1]  # the document in progress, from its saved chunk
+        rows = iter(self.docs)
+
+        def pull() -> tuple[int, str] | None:
+            nonlocal next_id, ds_state
+            if cfg.max_docs and next_id * world + rank >= cfg.max_docs:
+                return None
+            row = next(rows, None)
+            if row is None:
+                return None
+            self.docs_read += 1
+            ds_state = self.docs.state_dict()
+            next_id += 1
+            return (next_id - 1) * world + rank, row["text"]  # ids stay distinct across ranks
+
+        size = cfg.shuffle_buffer if cfg.shuffle else 1
+        while len(buffer) < size and (doc := pull()) is not None:
+            buffer.append(doc)
+        while buffer:
+            i = int(rng.integers(len(buffer)))
+            doc = buffer[i]
+            new = pull()
+            if new is None:
+                buffer.pop(i)
+            else:
+                buffer[i] = new
+            self._stream = {"epoch": epoch, "ds": ds_state, "rng": rng.bit_generator.state,
+                            "buffer": [list(d) for d in buffer], "next_id": next_id, "current": list(doc)}
+            yield doc
+        self._stream = None
 
     def _ordered_docs(self, epoch: int, start: int) -> Iterator[tuple[int, str]]:
         cfg = self.cfg
         if self.streaming:
-            ds = self.docs.shuffle(seed=cfg.seed + epoch, buffer_size=cfg.shuffle_buffer) if cfg.shuffle else self.docs
-            for i, row in enumerate(ds):
-                if cfg.max_docs and i >= cfg.max_docs:
-                    return
-                if i >= start:
-                    yield i, row["text"]
+            yield from self._streamed_docs(epoch)
             return
         n = min(len(self.docs), cfg.max_docs or len(self.docs))
         order = np.random.default_rng([cfg.seed, epoch]).permutation(n) if cfg.shuffle else np.arange(n)
@@ -177,8 +257,11 @@ class PositionStream:
 
     def chunks_of(self, text: str) -> list[list[int]]:
         cfg = self.cfg
-        ids = self.tokenizer.encode(text, add_special_tokens=False) if text and text.strip() else []
         count = self.epoch == 0  # count skips once, on the first pass
+        if text is not None and (not isinstance(text, str) or looks_binary(text)):
+            self.stats["binary_docs"] += count  # bytes or a binary blob in the text column
+            return []
+        ids = self.tokenizer.encode(text, add_special_tokens=False) if text and text.strip() else []
         if not ids:
             self.stats["empty_docs"] += count
             return []
@@ -224,6 +307,31 @@ class PositionStream:
                 raise ValueError(f"data source {self.cfg.source} yields no usable positions "
                                  f"(rank {self.rank}; skipped so far: {dict(self.stats)})")
             self.epoch, self.doc, self.chunk, self.pos = self.epoch + 1, 0, 0, 0
+
+    def problem(self, max_docs: int = 10_000) -> str | None:
+        """Why this rank would get no position, or None: reads documents until the first usable
+        chunk (at most `max_docs`), without moving the cursor or counting. Run before any model
+        loads, so bad data is one clear line instead of an error at step 1."""
+        cfg, stats = self.cfg, Counter(self.stats)
+        need = cfg.min_context + cfg.horizon
+        try:
+            if self.streaming:
+                docs = (row["text"] for row in self.docs)
+            else:
+                n = min(len(self.docs), cfg.max_docs or len(self.docs))
+                docs = (self.docs[i]["text"] for i in range(self.rank, n, self.world_size))
+            for seen, text in enumerate(docs):
+                if seen >= max_docs:
+                    break
+                if isinstance(text, str) and not looks_binary(text) and \
+                        len(self.tokenizer.encode(text, add_special_tokens=False)) >= need:
+                    return None
+        finally:  # a streamed reader counts skipped lines as it reads; this look-ahead must not
+            skipped = {k: v for k, v in self.stats.items() if v}
+            self.stats.clear()
+            self.stats.update(stats)
+        return (f"data source {cfg.source} yields no usable positions for rank {self.rank}: no document it read "
+                f"has data.min_context + data.horizon = {need} tokens (skipped: {skipped or 'nothing'})")
 
     def take(self, n: int) -> list[Position]:
         if self._it is None:

@@ -148,6 +148,7 @@ def discover(paths: list[str]) -> list[dict]:
     """Expand run folders into [base model, checkpoint 1, checkpoint 2, ...]."""
     import yaml
 
+    from rntp.checkpoint import checkpoint_problem
     from rntp.prepare import resolve_model_path
 
     found = []
@@ -160,6 +161,9 @@ def discover(paths: list[str]) -> list[dict]:
                 base = yaml.safe_load(config.read_text())["model"]["name_or_path"]
                 found.append({"label": f"base ({base})", "step": 0, "path": resolve_model_path(base)})
             for c in ckpts:
+                if problem := checkpoint_problem(c):  # a damaged checkpoint is named and left out
+                    log.warning("skipping damaged checkpoint %s: %s", c, problem)
+                    continue
                 found.append({"label": c.name, "step": int(c.name.split("_")[1]), "path": resolve_model_path(str(c))})
         else:
             found.append({"label": Path(path).name or path, "step": None, "path": resolve_model_path(path)})

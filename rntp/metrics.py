@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from rntp.runfiles import cut_jsonl, wandb_run_id
+
 log = logging.getLogger(__name__)
 
 
@@ -92,16 +94,15 @@ class MetricsLogger:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.rows: list[dict] = []
-        if self.path.exists():  # a resumed run keeps the history up to its checkpoint
-            rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in rows if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.rows = cut_jsonl(self.path, resume_step)  # a resumed run keeps the history up to its checkpoint
         self.wandb = None
         if wandb_mode != "disabled":
             import wandb
 
+            # The id kept in the run folder: a resumed run continues the same W&B run.
             self.wandb = wandb.init(project=project, group=group, dir=str(self.run_dir), mode=wandb_mode,
-                                    config=config, name=self.run_dir.name, reinit="finish_previous")
+                                    config=config, name=self.run_dir.name, reinit="finish_previous",
+                                    id=wandb_run_id(self.run_dir), resume="allow")
 
     def log(self, step: int, metrics: dict) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}

@@ -13,7 +13,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import struct
 import subprocess
 import sys
 import sysconfig
@@ -63,7 +65,57 @@ def resolve_model_path(name_or_path: str) -> str:
             raise FileNotFoundError(f"model folder {path} has no config.json (not a Hugging Face model)")
         if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
             raise FileNotFoundError(f"model folder {path} has no weights (*.safetensors or *.bin)")
-    return str(path) if looks_local else name_or_path
+        for weights in sorted(path.glob("*.safetensors")):  # a truncated download fails here, named
+            if problem := safetensors_problem(weights):
+                raise ValueError(f"model folder {path}: {problem}")
+        return str(path)
+    return hub_name(name_or_path, "model.name_or_path")
+
+
+def hub_name(name: str, key: str) -> str:
+    """A name that is not a local path must be a hub repository the hub can give us: with
+    HF_HUB_OFFLINE=1 only one already in the local cache. Otherwise one clear line, not a traceback
+    from deep inside the hub client."""
+    parts = name.split("/")
+    valid = len(parts) <= 2 and all(parts) and all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in parts)
+    if not valid:
+        raise FileNotFoundError(f"{key}={name!r} is neither a local path nor a valid hub name "
+                                f"(write ./{name} for a folder here)")
+    if hub_offline() and not key.startswith("data"):  # datasets has its own cache; data.py asks it
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise FileNotFoundError(f"{key}={name!r} is neither a local path nor reachable as a hub model "
+                                    f"(HF_HUB_OFFLINE=1 and it is not in the local cache)")
+    return name
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a .safetensors file (truncated, empty, a broken header), or None. Reads
+    only the header: cheap enough to check every weight file before loading."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        return f"{path.name} is empty or truncated ({size} bytes)"
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        if header_len > size - 8:
+            return f"{path.name} is truncated (its header alone needs {header_len} bytes)"
+        try:
+            header = json.loads(f.read(header_len))
+        except (ValueError, UnicodeDecodeError):
+            return f"{path.name} has a corrupt header"
+    try:
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (TypeError, KeyError, IndexError):
+        return f"{path.name} has a corrupt header"
+    if 8 + header_len + end != size:
+        return f"{path.name} is truncated or padded ({size} bytes, {8 + header_len + end} expected)"
+    return None
 
 
 def prepare_model(out_dir: Path | None = None, force: bool = False) -> Path:

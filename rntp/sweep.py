@@ -29,7 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError
 
-from rntp.config import Config, ConfigError, Section, load_config
+from rntp.config import Config, ConfigError, Section, load_config, parse_yaml
 
 
 class NamedRun(Section):
@@ -97,7 +97,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     if not path.is_file():
         raise ConfigError(f"sweep file not found: {path}")
     try:
-        return SweepConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+        return SweepConfig.model_validate(parse_yaml(path.read_text(), str(path)) or {})
     except ValidationError as e:
         lines = [f"invalid sweep {path}:"] + [f"  {'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()]
         raise ConfigError("\n".join(lines)) from None

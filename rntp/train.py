@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import random
-import signal
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -24,20 +23,21 @@ import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rntp import grpo
+from rntp import grpo, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
-from rntp.config import Config, max_sequence_len
+from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
-from rntp.distributed import DistInfo, all_gather_object, all_reduce_sum, init_distributed, shutdown_distributed
+from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
+                              shutdown_distributed)
 from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
-from rntp.models import load_policy, load_trainable
+from rntp.models import load_policy, load_tokenizer, load_trainable
 from rntp.prepare import resolve_model_path
+from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rntp.scoring import (Scored, SequenceBatch, no_think_logprobs, policy_logprobs, position_entropies, score_groups,
                           token_logprobs)
 from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
@@ -156,27 +156,21 @@ def sampler_sync_error(sampler, engine: Engine, rollout, target: list[int]) -> f
 
 class StopRequest:
     """SIGTERM/SIGUSR1 (SLURM's preemption and time-limit warnings) ask the loop to checkpoint and
-    leave at the end of the current step; any rank's request stops every rank."""
+    leave at the end of the current step; any rank's request stops every rank. The handlers
+    (`rntp.stopping`) are in place from the start, so a request during start-up counts too."""
 
     def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. under some test runners): no handler
-                pass
+        stopping.install()
 
-    def _handle(self, signum, frame):
-        log.warning("received signal %d: checkpointing at the end of this step", signum)
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return stopping.requested()
 
     def any_rank(self) -> bool:
         return all_reduce_sum([float(self.requested)])[0] > 0
 
     def restore(self):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
+        stopping.restore()
 
 
 @dataclass
@@ -200,15 +194,25 @@ class Run:
     positions_per_rank: int
     start_step: int
     config_yaml: str
+    resume_dir: Path | None  # the checkpoint this run resumed from
+    resume_inside: bool  # ... which lies in run_dir (then `overwrite` clears nothing)
     metrics: MetricsLogger | None = None  # rank 0
     samples_file: IO | None = None  # rank 0
     dropped_nonfinite: int = 0  # groups dropped so far (cumulative metrics)
     dropped_low_spread: int = 0
 
 
-def train(cfg: Config) -> Path:
+def train(cfg: Config) -> Path | None:
+    stop = StopRequest()  # first: a SIGTERM during start-up ends the run cleanly too
     run = start_run(cfg)
-    stop = StopRequest()
+    if stop.any_rank():  # asked to stop during start-up: nothing trained, nothing new to save
+        log.warning("stop requested during start-up; leaving before step %d with nothing new to save",
+                    run.start_step + 1)
+        run.sampler.close()
+        stop.restore()
+        shutdown_distributed()
+        return run.resume_dir
+    open_logs(run)
     bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
                disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True)
     for step in bar:
@@ -243,10 +247,16 @@ def train(cfg: Config) -> Path:
 
 
 def start_run(cfg: Config) -> Run:
-    """Process group, model (sharded as the backend wants), frozen copies, tokenizer, data, engine,
-    evaluation set, resumed state, sampler and logs."""
+    """Process group, checks (run folder, checkpoint, tokenizer, lengths, data: each one clear error before
+    any model loads), model (sharded as the backend wants), frozen copies, engine, evaluation set,
+    resumed state and sampler. Nothing is written to the run folder yet (`open_logs`)."""
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
+    # A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all).
+    resume_inside = bool(cfg.resume) and Path(cfg.resume).expanduser().resolve().is_relative_to(run_dir.resolve())
+    problem = broadcast_object(run_dir_problem(run_dir, resume_inside, cfg.overwrite) if info.is_main else None)
+    if problem:
+        raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in reward_names(cfg.reward):  # an unknown reward fails before any model loads
         get_reward(name)
@@ -254,28 +264,44 @@ def start_run(cfg: Config) -> Run:
         raise ValueError(f"train.positions_per_step={cfg.train.positions_per_step} must divide among "
                          f"{info.world_size} ranks")
     positions_per_rank = cfg.train.positions_per_step // info.world_size
-    resume_dir = find_checkpoint(cfg.resume) if cfg.resume else None
+    resume_dir = None
+    if cfg.resume:  # rank 0 verifies the checkpoint (reading it once, not once per rank) for every rank
+        found = None
+        if info.is_main:
+            try:
+                found = find_checkpoint(cfg.resume)
+            except (FileNotFoundError, ValueError) as e:
+                found = e
+        resume_dir = broadcast_object(found)
+        if isinstance(resume_dir, Exception):
+            raise resume_dir
     base_path = resolve_model_path(cfg.model.name_or_path)
     model_path = str(resume_dir or base_path)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
-    # Model, frozen initial copy, EMA teacher, tokenizer, tags, data (each rank its own documents).
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    passes = -(-positions_per_rank * cfg.rollout.group_size // cfg.train.micro_batch)  # micro-batches per step
-    policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
-    policy.train()
+    # Tokenizer, tags and data first (each rank its own documents): bad data or lengths are one
+    # clear error before any model loads. Then the model, frozen initial copy, EMA teacher.
+    tokenizer = load_tokenizer(model_path)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    check_max_model_len(cfg, tags)
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
     # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
     needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
+    initial = None  # loaded below; the entropy filter reads it only once positions are drawn
+    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
+                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if needs_initial else None)
+    problems = [p for p in all_gather_object(stream.problem()) if p]
+    if problems:  # every rank stops, not only the one without data
+        raise ValueError(problems[0])
+    passes = -(-positions_per_rank * cfg.rollout.group_size // cfg.train.micro_batch)  # micro-batches per step
+    policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
+    policy.train()
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
     sharded = engine_class(cfg, info.world_size).shards_weights(cfg)
     ema = make_ema(load_policy(model_path, cfg, info.device) if sharded else policy) \
         if cfg.reward.baseline == "ema" else None
-    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
-    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
-                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if initial is not None else None)
     # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
     sampler_model = load_policy(model_path, cfg, info.device).eval() if cfg.rollout.sampler == "hf" and sharded \
         else None
@@ -311,13 +337,24 @@ def start_run(cfg: Config) -> Run:
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
     run = Run(cfg, info, run_dir, tokenizer, tags, pad_id_of(tokenizer), token_bytes_fn(tokenizer), stream, engine,
               sampler, initial, ema, {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline], evalset,
-              positions_per_rank, start_step, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if info.is_main:
-        (run_dir / "config.yaml").write_text(run.config_yaml)
-        run.metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
-                                    project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=start_step)
-        run.samples_file = open(run_dir / "samples.jsonl", "a")
+              positions_per_rank, start_step, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
+              resume_dir, resume_inside)
     return run
+
+
+def open_logs(run: Run) -> None:
+    """Rank 0: clear the run folder when `overwrite` asks (after every check, before the first write),
+    then config.yaml, metrics (cut back to the resumed step) and samples.jsonl (likewise)."""
+    if not run.info.is_main:
+        return
+    cfg, run_dir = run.cfg, run.run_dir
+    if cfg.overwrite and not run.resume_inside:
+        clear_run(run_dir)
+    (run_dir / "config.yaml").write_text(run.config_yaml)
+    run.metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
+                                project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=run.start_step)
+    cut_jsonl(run_dir / "samples.jsonl", run.start_step)  # a crashed run's samples after its checkpoint go
+    run.samples_file = open(run_dir / "samples.jsonl", "a")
 
 
 def sample(run: Run, positions: list[Position], step: int) -> list[Rollout]:
@@ -378,7 +415,8 @@ def update_step(run: Run, scored: Scored, adv: grpo.Advantages) -> tuple[dict, f
                            advantages=adv.values, keep=adv.keep, cfg=run.cfg, behaviour=scored.behaviour_logprobs) \
         if all_reduce_sum([float(adv.keep.sum())])[0] > 0 else {}
     lr = run.engine.lr()
-    run.engine.step_scheduler()
+    if update:  # the schedule follows optimizer steps: a step that kept no group leaves lr as it is
+        run.engine.step_scheduler()
     return update, lr
 
 
@@ -407,7 +445,8 @@ def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout],
     with_think = scored.target_logprobs.sum(-1) / H
     without = scored.no_think_logprobs[group].sum(-1) / H
     thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
-    scored_tokens = sum(p.p + H for p in positions) + sum(len(r.thought_ids) + 1 + H for r in rollouts)
+    open_len = len(run.tags.open_ids)  # the open tag is several tokens with most tokenizers
+    scored_tokens = sum(p.p + H for p in positions) + sum(open_len + len(r.thought_ids) + H for r in rollouts)
     update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
     finite = rewards[torch.isfinite(rewards)]
     row = MetricsRow()
@@ -476,7 +515,7 @@ def checkpoint(run: Run, step: int) -> None:
 def finish_run(run: Run) -> Path:
     """Close the sampler and logs, print where things are, leave the process group; the last checkpoint."""
     run.sampler.close()
-    final = find_checkpoint(run.run_dir)
+    final = find_checkpoint(run.run_dir, checksums=False)  # just written and verified by size; no re-hash
     if run.info.is_main:
         run.samples_file.close()
         plot = run.metrics.plot() if run.cfg.log.plot else None

@@ -23,16 +23,18 @@ class HFSampler:
             batch = prompts[start : start + self.batch_prompts]
             ids, mask = left_pad(batch, self.pad_id)  # every prompt ends at the same column
             width = ids.shape[1]
-            # One generator per chunk of prompts, seeded from the spec: same weights, same thoughts.
-            torch.manual_seed(spec.seed * 1_000_003 + start)
-            out = self.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device),
-                do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
-                max_new_tokens=spec.max_tokens, num_return_sequences=spec.n,
-                # Like vLLM's ignore_eos: a thought ends only at the close tag or the budget.
-                eos_token_id=None, stop_strings=[self.tags.close_tag], tokenizer=self.tags.tokenizer,
-                pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
-            )
+            # Seeded per chunk of prompts from the spec: same weights, same thoughts. `generate` draws
+            # from the global generator only, so seed it inside fork_rng: the caller's stream is restored.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(spec.seed * 1_000_003 + start)
+                out = self.model.generate(
+                    input_ids=ids.to(device), attention_mask=mask.to(device),
+                    do_sample=True, temperature=spec.temperature, top_p=spec.top_p, top_k=0,
+                    max_new_tokens=spec.max_tokens, num_return_sequences=spec.n,
+                    # Like vLLM's ignore_eos: a thought ends only at the close tag or the budget.
+                    eos_token_id=None, stop_strings=[self.tags.close_tag], tokenizer=self.tags.tokenizer,
+                    pad_token_id=self.pad_id, return_dict_in_generate=True, output_scores=True,
+                )
             new = out.sequences[:, width:]
             # `scores` are the logits after temperature and top-p, as sampled from: the behaviour log-probs
             behaviour = torch.stack([torch.log_softmax(step.float(), -1).gather(-1, new[:, t : t + 1])[:, 0]

@@ -97,3 +97,66 @@ def test_readme_configuration_table_is_generated_from_the_models():
     assert all(f"| `{key}` |" in table for key, _ in leaves(Config))
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert render_readme_table(readme) == readme, "README's configuration table is stale: run python -m rntp.config"
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.betas=[0.9, 1.5]", "optim.betas.1"),
+    ("optim.betas=[-0.1, 0.9]", "optim.betas.0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas.1"),
+    ("optim.eps=0", "optim.eps"),
+    ("optim.eps=-1e-8", "optim.eps"),
+    ("train.seed=-1", "train.seed"),
+    ("data.seed=-3", "data.seed"),
+    ("eval.seed=-1", "eval.seed"),
+    ("rollout.vllm.max_model_len=0", "rollout.vllm.max_model_len"),
+    ("train.steps=true", "train.steps"),  # lax pydantic read true as 1: a one-step run
+    ("train.micro_batch=false", "train.micro_batch"),
+    ("rollout.vllm.sleep_level=true", "rollout.vllm.sleep_level"),
+    ("optim.lr=true", "optim.lr"),
+    ("log.progress=1", "log.progress"),
+    ("data.streaming=yes please", "data.streaming"),
+    ("overwrite=1", "overwrite"),
+])
+def test_values_that_would_fail_later_or_mean_nothing_are_refused(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_bounded_values_still_accept_the_usual_ones():
+    cfg = load_config(None, ["optim.betas=[0.0, 0.999]", "optim.eps=1e-6", "train.seed=0", "log.progress=false",
+                             "train.steps=3", "optim.lr=1e-5"])
+    assert cfg.optim.betas == (0.0, 0.999) and cfg.optim.lr == 1e-5 and cfg.train.steps == 3
+
+
+@pytest.mark.parametrize("text", ["train:\n  steps: [1, 2\n", "train:\n\tsteps: 3\n", "a: b: c\n"])
+def test_yaml_syntax_errors_in_a_config_file_are_one_line_naming_the_file(tmp_path, text):
+    f = tmp_path / "broken.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(f)
+    assert str(e.value).startswith(f"{f}: YAML syntax error") and "\n" not in str(e.value)
+
+
+def test_yaml_syntax_error_in_an_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"^override 'reward\.weights=\{a: 1': YAML syntax error"):
+        load_config(None, ["reward.weights={a: 1"])
+
+
+def test_yaml_syntax_error_in_a_sweep_file_is_a_config_error(tmp_path):
+    from rntp.sweep import load_sweep
+
+    f = tmp_path / "sweep.yaml"
+    f.write_text("name: x\ngrid: {reward.name: [a, b}\n")
+    with pytest.raises(ConfigError, match="sweep.yaml: YAML syntax error"):
+        load_sweep(f)
+
+
+@pytest.mark.parametrize("argv", [["train", "--config", "BROKEN"], ["train", "reward.weights={a: 1"],
+                                  ["sweep", "BROKEN"]])
+def test_cli_prints_one_line_for_yaml_errors(tmp_path, capsys, argv):
+    from rntp.cli import main
+
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: [1,\n")
+    assert main([str(broken) if a == "BROKEN" else a for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "YAML syntax error" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

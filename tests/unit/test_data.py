@@ -121,3 +121,113 @@ def test_entropy_policy_keeps_only_the_chosen_quantile_range(corpus_file, tokeni
         assert p.p >= (lo + hi) / 2 - 0.5
     with pytest.raises(ValueError, match="needs a model"):
         PositionStream(c, tokenizer)
+
+
+def test_binary_files_and_binary_documents_are_skipped_and_counted(tmp_path, tokenizer):
+    import random
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a_good.txt").write_text(" ".join(make_sentences(10, seed=7)))
+    rng = random.Random(0)
+    (folder / "b_random.txt").write_bytes(bytes(rng.randrange(256) for _ in range(6000)))
+    (folder / "c_nul.txt").write_bytes(b"ELF\x00\x00\x01" + "text between NULs ".encode() * 50 + b"\x00" * 64)
+    no_nul = bytes(rng.choice([b for b in range(1, 256) if b not in b"\n"]) for _ in range(3000))
+    (folder / "d_random_no_nul.txt").write_bytes(no_nul)
+    stream = PositionStream(cfg(folder, shuffle=False), tokenizer)
+    positions = stream.take(4)
+    assert stream.stats["binary_files"] == 3
+    assert all(p.doc == 0 for p in positions)  # only the text file gives positions
+    # inside JSONL (escaped NULs, control characters) and in a parquet text column
+    f = tmp_path / "blobs.jsonl"
+    with open(f, "w") as out:
+        out.write(json.dumps({"text": " ".join(make_sentences(8, seed=1))}) + "\n")
+        out.write(json.dumps({"text": "\x00\x01\x02" * 200}) + "\n")
+        out.write(json.dumps({"text": "PK\x03\x04" + "\x00" * 30 + "zip"}) + "\n")
+    stream = PositionStream(cfg(f, shuffle=False), tokenizer)
+    stream.take(10)  # past the end of the file
+    assert stream.stats["binary_docs"] == 2
+
+
+def test_usable_positions_are_checked_up_front_without_moving_the_cursor(tmp_path, tokenizer, corpus_file):
+    f = tmp_path / "short.jsonl"
+    f.write_text("".join(json.dumps({"text": f"doc {i} is short"}) + "\n" for i in range(30)) + "{broken\n")
+    problem = PositionStream(cfg(f), tokenizer).problem()
+    assert problem and "no usable positions" in problem and "data.min_context + data.horizon = 12" in problem
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"\x00\xff" * 500)
+    with pytest.raises(ValueError, match="no documents could be read"):  # every file skipped as binary
+        PositionStream(cfg(binary), tokenizer)
+    ok = PositionStream(cfg(corpus_file), tokenizer)
+    assert ok.problem() is None and ok.stats == {}
+    assert ok.take(5) == PositionStream(cfg(corpus_file), tokenizer).take(5)  # the look-ahead moved nothing
+    streamed = PositionStream(cfg(f, streaming=True), tokenizer)
+    assert "no usable positions" in streamed.problem() and streamed.stats == {}
+
+
+def sharded_parquet(folder, shards=8, per_shard=30):
+    """A local corpus in parquet shards; every document carries its own id as its first word."""
+    import datasets
+
+    folder.mkdir()
+    for s in range(shards):
+        texts = [f"D{s * per_shard + i:04d} " + " ".join(make_sentences(4, seed=s * per_shard + i))
+                 for i in range(per_shard)]
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(folder / f"part-{s:03d}.parquet"))
+    return folder
+
+
+def doc_ids(positions, tokenizer):
+    return {tokenizer.decode(p.chunk[:6]).split()[0] for p in positions}
+
+
+@pytest.fixture
+def parquet_rows_read(monkeypatch):
+    """Rows read from parquet files by datasets itself (independent of the stream's own counter)."""
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    count = {"rows": 0}
+    original = Parquet._generate_tables
+
+    def counted(self, *args, **kwargs):
+        for key, table in original(self, *args, **kwargs):
+            count["rows"] += len(table)
+            yield key, table
+
+    monkeypatch.setattr(Parquet, "_generate_tables", counted)
+    return count
+
+
+def test_streamed_sharded_corpus_two_ranks_disjoint_exact_resume_in_constant_reads(tmp_path, tokenizer,
+                                                                                    parquet_rows_read):
+    corpus = sharded_parquet(tmp_path / "corpus")
+    # one chunk per document, one position per chunk: positions map one to one onto documents
+    c = cfg(corpus, streaming=True, shuffle_buffer=16, chunk_tokens=256, positions_per_chunk=1)
+    ranks = [PositionStream(c, tokenizer, rank=r, world_size=2) for r in (0, 1)]
+    epoch = [[p for p in r.take(200) if p.epoch == 0] for r in ranks]
+    ids = [doc_ids(e, tokenizer) for e in epoch]
+    assert ids[0].isdisjoint(ids[1]) and len(ids[0] | ids[1]) == 240  # disjoint, and together all of it
+    assert all(len(e) == 120 for e in epoch)
+    # each rank read only its share of the corpus (its 4 shards) per epoch, never the other rank's
+    fresh = PositionStream(c, tokenizer, rank=1, world_size=2)
+    parquet_rows_read["rows"] = 0
+    fresh.take(120)
+    assert fresh.docs_read == 120 and parquet_rows_read["rows"] == 120
+    # exact resume, from early and late cuts, on both ranks; resuming reads no consumed document again
+    for rank in (0, 1):
+        full = PositionStream(c, tokenizer, rank=rank, world_size=2).take(150)
+        reads = []
+        for cut in (3, 100):
+            first = PositionStream(c, tokenizer, rank=rank, world_size=2)
+            first.take(cut)
+            state = first.state()
+            second = PositionStream(c, tokenizer, rank=rank, world_size=2)
+            second.load_state(state)
+            parquet_rows_read["rows"] = 0
+            assert second.take(1) == full[cut : cut + 1]
+            reads.append((second.docs_read, parquet_rows_read["rows"]))
+            assert second.take(150 - cut - 1) == full[cut + 1 :]
+        # what resuming costs does not grow with how far the run had read (3 vs 100 documents in)
+        # (datasets re-reads at most the current shard's rows, or the one just finished: 2 x 30, whereas
+        # re-reading from the start would be over 100; earlier shards are not opened)
+        assert reads[0][0] <= 1 and reads[1][0] <= 1 and max(r[1] for r in reads) <= 60, reads
