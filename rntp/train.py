@@ -173,7 +173,7 @@ class StopRequest:
         stopping.restore()
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """What the steps share, built once by `start_run`."""
 
@@ -222,7 +222,7 @@ def train(cfg: Config) -> Path | None:
             rollouts = sample(run, positions, step)                              # sample
         with timer("score"):
             scored = score(run, positions, rollouts)                             # score
-        rewards, baseline = reward(run, positions, rollouts, scored)              # reward
+        rewards, baseline = reward(run, positions, rollouts, scored)              # score -> reward
         adv = advantage(run, rewards, rollouts)                                  # advantage
         with timer("update"):
             update, lr = update_step(run, scored, adv)                           # update
@@ -335,11 +335,12 @@ def start_run(cfg: Config) -> Run:
                            vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
     if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
-    run = Run(cfg, info, run_dir, tokenizer, tags, pad_id_of(tokenizer), token_bytes_fn(tokenizer), stream, engine,
-              sampler, initial, ema, {"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline], evalset,
-              positions_per_rank, start_step, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
-              resume_dir, resume_inside)
-    return run
+    return Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
+               token_bytes=token_bytes_fn(tokenizer), stream=stream, engine=engine, sampler=sampler, initial=initial,
+               ema=ema, baseline_model={"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline],
+               evalset=evalset, positions_per_rank=positions_per_rank, start_step=start_step,
+               config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), resume_dir=resume_dir,
+               resume_inside=resume_inside)
 
 
 def open_logs(run: Run) -> None:
