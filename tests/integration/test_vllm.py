@@ -126,7 +126,7 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
     contexts = [tokenizer.encode(t, add_special_tokens=False) for t in
                 ("The value returned by the function is", "Each line of the file")]
     spec = SamplingSpec(n=3, max_tokens=6, temperature=temperature, top_p=top_p, seed=5)
-    params = [SamplingParams(**thought_request(spec, i, tags.close_tag), logprobs=0) for i in range(2)]
+    params = [SamplingParams(**thought_request(spec, i, tags.close_tag)) for i in range(2)]  # logprobs=0 in it
     outputs = vllm_sampler.llm.generate([TokensPrompt(prompt_token_ids=tags.prompt(c)) for c in contexts], params,
                                         use_tqdm=False)
     rollouts, sampled = [], []
