@@ -1,0 +1,242 @@
+"""Shared-prefix packing: each context computed once, its thoughts attending to it, in scoring and
+in the update alike.
+
+Every group of G thoughts shares one context, and the positions of one chunk share prefixes of it.
+A pack is one row: per chunk, its tokens (the trunk: the longest context, plus the targets when
+no-think scores are wanted), then every branch `[open tag][thought][close tag][target]` of that
+chunk's positions. A block attention mask lets each branch see the trunk before its position and
+itself (causally), and its position ids continue from its position, so every branch computes what
+the unshared sequence `context + branch` computes, while the context's keys and values, and their
+gradient (the sum over its branches), are computed once.
+
+Why a packed row with a mask rather than a KV cache built with gradients: it is one ordinary
+forward and backward, so gradient checkpointing, DDP, ZeRO 1-3 and FSDP2 see nothing unusual. The
+mask is a boolean [L, L] for SDPA (an additive one for eager attention); on GPUs SDPA runs it with
+its memory-efficient kernel. With `shared=False` every thought gets its own copy of its context
+(the unshared computation, for the benchmark and for debugging), through the same code.
+
+Log-probs are read only where needed (thought tokens, targets, no-think targets), and the output
+projection runs over them in chunks (`ChunkedLogProbs`): a chunk's [tokens x vocabulary] logits
+live only while that chunk is computed, in backward too, so peak memory does not grow with
+vocabulary size times the number of tokens read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from rewards.scoring import sampling_logprobs
+from rollout.spans import Rollout
+
+
+@dataclass
+class Pack:
+    """One packed row and where its read-outs go."""
+
+    input_ids: list[int] = field(default_factory=list)
+    position_ids: list[int] = field(default_factory=list)
+    segment: list[int] = field(default_factory=list)  # which trunk a token belongs to or attends to
+    branch: list[int] = field(default_factory=list)  # -1 on trunk tokens
+    limit: list[int] = field(default_factory=list)  # a branch token sees trunk tokens before this index
+    index: list[int] = field(default_factory=list)  # packed index whose next-token log-prob is read
+    labels: list[int] = field(default_factory=list)  # the token read there
+    sampled: list[bool] = field(default_factory=list)  # a thought token: sampling distribution
+    thoughts: dict[int, slice] = field(default_factory=dict)  # rollout -> its thought tokens in `index`
+    targets: dict[int, slice] = field(default_factory=dict)  # rollout -> its target tokens
+    no_think: dict[int, slice] = field(default_factory=dict)  # position -> its targets read on the trunk
+
+    def _read(self, at: int, label: int, sampled: bool = False) -> None:
+        self.index.append(at)
+        self.labels.append(label)
+        self.sampled.append(sampled)
+
+    def add_trunk(self, tokens: list[int]) -> int:
+        """A new segment holding `tokens` from position 0; its start in the row."""
+        start, seg = len(self.input_ids), (self.segment[-1] + 1 if self.segment else 0)
+        self.input_ids += tokens
+        self.position_ids += range(len(tokens))
+        self.segment += [seg] * len(tokens)
+        self.branch += [-1] * len(tokens)
+        self.limit += [start + len(tokens)] * len(tokens)
+        return start
+
+    def add_no_think(self, position: int, trunk_start: int, context_len: int, target: list[int]) -> None:
+        first = len(self.index)
+        for h, token in enumerate(target):  # target h is predicted at the trunk token before it
+            self._read(trunk_start + context_len + h - 1, token)
+        self.no_think[position] = slice(first, len(self.index))
+
+    def add_branch(self, row: int, rollout: Rollout, context_len: int, trunk_start: int, target: list[int]) -> None:
+        start, seg = len(self.input_ids), self.segment[-1]
+        opened = rollout.prompt_ids[context_len:]
+        tokens = opened + rollout.thought_ids + target
+        branch_id = max(self.branch, default=-1) + 1
+        self.input_ids += tokens
+        self.position_ids += range(context_len, context_len + len(tokens))
+        self.segment += [seg] * len(tokens)
+        self.branch += [branch_id] * len(tokens)
+        self.limit += [trunk_start + context_len] * len(tokens)
+        first = len(self.index)
+        for j in range(rollout.n_sampled):  # thought token j is predicted at the token before it
+            self._read(start + len(opened) + j - 1, rollout.thought_ids[j], sampled=True)
+        self.thoughts[row] = slice(first, len(self.index))
+        t0 = start + len(opened) + len(rollout.thought_ids)
+        first = len(self.index)
+        for h, token in enumerate(target):
+            self._read(t0 + h - 1, token)
+        self.targets[row] = slice(first, len(self.index))
+
+    def attention_mask(self, device) -> torch.Tensor:
+        """[L, L] bool, True where query q may attend to key k."""
+        seg, branch, limit = (torch.tensor(x, device=device) for x in (self.segment, self.branch, self.limit))
+        idx = torch.arange(len(seg), device=device)
+        k, q = idx[None, :], idx[:, None]
+        trunk_key = branch[None, :] == -1
+        return (seg[None, :] == seg[:, None]) & (k <= q) & (
+            (trunk_key & (k < limit[:, None])) | (branch[None, :] == branch[:, None]))
+
+
+def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *,
+                positions_per_pack: int, shared: bool = True, no_think: bool = False,
+                positions: list[int] | None = None) -> list[tuple[list[int], Pack]]:
+    """Packs over `positions` (default all), `positions_per_pack` at a time, each with the rollouts of
+    its positions (`rollouts[i].group` indexes `contexts` and `targets`). Consecutive positions whose
+    context + target sequences are prefixes of one another (positions of one chunk) share a trunk.
+    With `no_think`, the trunk holds the targets too and the positions' no-think targets are read."""
+    by_position: dict[int, list[int]] = {}
+    for i, r in enumerate(rollouts):
+        by_position.setdefault(r.group, []).append(i)
+    order = positions if positions is not None else sorted(by_position)
+    packs = []
+    for s in range(0, len(order), positions_per_pack):
+        chosen, pack = order[s : s + positions_per_pack], Pack()
+        # segments: runs of positions whose sequences nest (one chunk); the trunk is the longest
+        runs: list[list[int]] = []
+        for g in chosen:
+            seq = contexts[g] + targets[g]
+            if shared and runs and _nested(seq, contexts[runs[-1][0]] + targets[runs[-1][0]]):
+                runs[-1].append(g)
+            else:
+                runs.append([g])
+        for run in runs:
+            longest = max(run, key=lambda g: len(contexts[g]))
+            trunk = contexts[longest] + (targets[longest] if no_think else [])
+            if shared:
+                start = pack.add_trunk(trunk)
+                for g in run:
+                    if no_think:
+                        pack.add_no_think(g, start, len(contexts[g]), targets[g])
+                    for i in by_position.get(g, []):
+                        pack.add_branch(i, rollouts[i], len(contexts[g]), start, targets[g])
+            else:  # every thought with its own copy of the context
+                for g in run:
+                    if no_think:
+                        start = pack.add_trunk(contexts[g] + targets[g])
+                        pack.add_no_think(g, start, len(contexts[g]), targets[g])
+                    for i in by_position.get(g, []):
+                        start = pack.add_trunk(list(contexts[g]))
+                        pack.add_branch(i, rollouts[i], len(contexts[g]), start, targets[g])
+        packs.append(([i for g in chosen for i in by_position.get(g, [])], pack))
+    return packs
+
+
+def _nested(a: list[int], b: list[int]) -> bool:
+    n = min(len(a), len(b))
+    return a[:n] == b[:n]
+
+
+class ChunkedLogProbs(torch.nn.Module):
+    """Stands in for the model's output layer during a packed forward: from the hidden states it is
+    given (only the read positions, via `logits_to_keep`), log p of each label, thought tokens under
+    the sampling distribution (temperature, top-p), others under the model. The projection and
+    log-softmax run over `chunk` tokens at a time, recomputed in backward, so no more than one
+    chunk's logits exist at once. It calls the real head module, so sharded backends (ZeRO-3's
+    hooks, FSDP2's unsharded root parameters) see an ordinary call of it."""
+
+    def __init__(self, head: torch.nn.Module, labels: torch.Tensor, sampled: torch.Tensor, temperature: float,
+                 top_p: float, extras: bool, chunk: int):
+        super().__init__()
+        self.head, self.chunk, self.extras = head, chunk, extras
+        self.labels, self.sampled, self.temperature, self.top_p = labels, sampled, temperature, top_p
+        self.argmax = self.entropy = None
+
+    def _logp(self, hidden: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
+        logits = _at_least_fp32(self.head(hidden))
+        plain = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
+        if (self.temperature == 1.0 and self.top_p == 1.0) or not sampled.any():
+            return plain
+        return torch.where(sampled, sampling_logprobs(logits, labels, self.temperature, self.top_p), plain)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[0]
+        out, argmax, entropy = [], [], []
+        for s in range(0, hidden.shape[0], self.chunk):
+            part = slice(s, s + self.chunk)
+            if torch.is_grad_enabled():
+                out.append(checkpoint(self._logp, hidden[part], self.labels[part], self.sampled[part],
+                                      use_reentrant=False))
+            else:
+                out.append(self._logp(hidden[part], self.labels[part], self.sampled[part]))
+            if self.extras:
+                with torch.no_grad():
+                    logits = _at_least_fp32(self.head(hidden[part]))
+                    argmax.append(logits.argmax(-1))
+                    tempered = torch.log_softmax(logits / self.temperature, -1)
+                    entropy.append(-(tempered.exp() * tempered).sum(-1))
+        if self.extras:
+            self.argmax, self.entropy = torch.cat(argmax), torch.cat(entropy)
+        return torch.cat(out)[None, :, None]
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """bf16 logits are softmaxed in fp32; float64 (tests) stays float64."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+@contextlib.contextmanager
+def _head_swapped(model, head: torch.nn.Module):
+    """`model`'s output layer replaced by `head` for one forward (the wrapper around a DDP or
+    DeepSpeed module is looked through)."""
+    inner = getattr(model, "module", model)
+    original = inner.get_output_embeddings()
+    inner.set_output_embeddings(head)
+    try:
+        yield
+    finally:
+        inner.set_output_embeddings(original)
+
+
+@dataclass
+class PackedLogProbs:
+    logp: torch.Tensor  # [K] log-probs at the pack's read positions (carries grad in the update)
+    argmax: torch.Tensor | None  # [K] the model's greedy prediction there (with extras)
+    entropy: torch.Tensor | None  # [K] entropy of the sampling distribution there (with extras)
+
+
+def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float = 1.0, autocast: bool = False,
+                    extras: bool = False, chunk: int | None = None) -> PackedLogProbs:
+    """One forward of a pack through `model` (a Hugging Face causal LM, possibly wrapped by DDP,
+    DeepSpeed or sharded by FSDP2)."""
+    inner = getattr(model, "module", model)
+    device = next(inner.parameters()).device
+    original = inner.get_output_embeddings()
+    vocab = inner.config.vocab_size
+    chunk = chunk or max(16, 2**27 // vocab)  # ~512 MB of fp32 logits per chunk
+    labels = torch.tensor(pack.labels, device=device)
+    sampled = torch.tensor(pack.sampled, device=device)
+    mask = pack.attention_mask(device)
+    if inner.config._attn_implementation == "eager":  # eager attention adds its mask
+        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
+    elif inner.config._attn_implementation != "sdpa":
+        raise ValueError(f"packed sequences need sdpa or eager attention, not {inner.config._attn_implementation!r}; "
+                         "set train.shared_prefix=false")
+    head = ChunkedLogProbs(original, labels, sampled, temperature, top_p, extras, chunk)
+    ids = torch.tensor([pack.input_ids], device=device)
+    with _head_swapped(model, head), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = model(input_ids=ids, attention_mask=mask[None, None], position_ids=torch.tensor([pack.position_ids],
+                    device=device), logits_to_keep=torch.tensor(pack.index, device=device), use_cache=False)
+    return PackedLogProbs(out.logits[0, :, 0], head.argmax, head.entropy)
