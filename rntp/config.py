@@ -227,6 +227,9 @@ class TrainConfig(Section):
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
+    # Score and update each context once for all its thoughts (and a chunk once for all its
+    # positions): shared-prefix packs. false computes the context once per thought (same results).
+    shared_prefix: bool = True
     seed: int = 0
 
 

@@ -29,8 +29,29 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from rewards.scoring import sampling_logprobs
+from trl.trainer.utils import selective_log_softmax
+
 from rollout.spans import Rollout
+
+LOGP_FLOOR = -1e4
+
+
+def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
+                      top_p: float = 1.0) -> torch.Tensor:
+    """log p of `ids` under the distribution the sampler draws from: logits divided by the
+    temperature, then restricted to the top-p nucleus (the most likely tokens, kept while the mass
+    above them is below `top_p`) and renormalised, as vLLM and transformers sample. A token outside
+    the nucleus has probability 0; its log-prob is floored at LOGP_FLOOR to keep ratios finite."""
+    if temperature != 1.0:
+        logits = logits / temperature
+    if top_p < 1.0:
+        probs, order = logits.float().softmax(-1).sort(-1, descending=True)
+        mass_above = probs.cumsum(-1) - probs
+        outside = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_above >= top_p)
+        logits = logits.masked_fill(outside, float("-inf"))
+        return selective_log_softmax(logits, ids).clamp(min=LOGP_FLOOR)
+    return selective_log_softmax(logits, ids)
+
 
 
 @dataclass
