@@ -56,69 +56,76 @@ def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
 
 @dataclass
 class Pack:
-    """One packed row and where its read-outs go."""
+    """A micro-batch of packed rows, one per trunk (a chunk's shared context, or with `shared=False`
+    one context copy per thought), and where its read-outs go. Rows are right-padded to one width;
+    attention cost is then that of the rows, not of one long row holding them all."""
 
-    input_ids: list[int] = field(default_factory=list)
-    position_ids: list[int] = field(default_factory=list)
-    segment: list[int] = field(default_factory=list)  # which trunk a token belongs to or attends to
-    branch: list[int] = field(default_factory=list)  # -1 on trunk tokens
-    limit: list[int] = field(default_factory=list)  # a branch token sees trunk tokens before this index
-    index: list[int] = field(default_factory=list)  # packed index whose next-token log-prob is read
+    rows: list[dict] = field(default_factory=list)  # ids, pos, branch (-1: trunk), limit per token
+    read_row: list[int] = field(default_factory=list)  # (row, column) whose next-token log-prob is read
+    read_col: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # the token read there
     sampled: list[bool] = field(default_factory=list)  # a thought token: sampling distribution
-    thoughts: dict[int, slice] = field(default_factory=dict)  # rollout -> its thought tokens in `index`
+    thoughts: dict[int, slice] = field(default_factory=dict)  # rollout -> its thought tokens among the reads
     targets: dict[int, slice] = field(default_factory=dict)  # rollout -> its target tokens
     no_think: dict[int, slice] = field(default_factory=dict)  # position -> its targets read on the trunk
 
-    def _read(self, at: int, label: int, sampled: bool = False) -> None:
-        self.index.append(at)
+    @property
+    def tokens(self) -> int:
+        return sum(len(r["ids"]) for r in self.rows)
+
+    def _read(self, col: int, label: int, sampled: bool = False) -> None:
+        self.read_row.append(len(self.rows) - 1)
+        self.read_col.append(col)
         self.labels.append(label)
         self.sampled.append(sampled)
 
-    def add_trunk(self, tokens: list[int]) -> int:
-        """A new segment holding `tokens` from position 0; its start in the row."""
-        start, seg = len(self.input_ids), (self.segment[-1] + 1 if self.segment else 0)
-        self.input_ids += tokens
-        self.position_ids += range(len(tokens))
-        self.segment += [seg] * len(tokens)
-        self.branch += [-1] * len(tokens)
-        self.limit += [start + len(tokens)] * len(tokens)
-        return start
+    def add_trunk(self, tokens: list[int]) -> None:
+        """A new row holding `tokens` from position 0."""
+        self.rows.append({"ids": list(tokens), "pos": list(range(len(tokens))), "branch": [-1] * len(tokens),
+                          "limit": [len(tokens)] * len(tokens)})
 
-    def add_no_think(self, position: int, trunk_start: int, context_len: int, target: list[int]) -> None:
-        first = len(self.index)
+    def add_no_think(self, position: int, context_len: int, target: list[int]) -> None:
+        first = len(self.labels)
         for h, token in enumerate(target):  # target h is predicted at the trunk token before it
-            self._read(trunk_start + context_len + h - 1, token)
-        self.no_think[position] = slice(first, len(self.index))
+            self._read(context_len + h - 1, token)
+        self.no_think[position] = slice(first, len(self.labels))
 
-    def add_branch(self, row: int, rollout: Rollout, context_len: int, trunk_start: int, target: list[int]) -> None:
-        start, seg = len(self.input_ids), self.segment[-1]
+    def add_branch(self, index: int, rollout: Rollout, context_len: int, target: list[int]) -> None:
+        row = self.rows[-1]
+        start = len(row["ids"])
         opened = rollout.prompt_ids[context_len:]
         tokens = opened + rollout.thought_ids + target
-        branch_id = max(self.branch, default=-1) + 1
-        self.input_ids += tokens
-        self.position_ids += range(context_len, context_len + len(tokens))
-        self.segment += [seg] * len(tokens)
-        self.branch += [branch_id] * len(tokens)
-        self.limit += [trunk_start + context_len] * len(tokens)
-        first = len(self.index)
+        row["ids"] += tokens
+        row["pos"] += range(context_len, context_len + len(tokens))
+        row["branch"] += [max(row["branch"]) + 1] * len(tokens)
+        row["limit"] += [context_len] * len(tokens)  # it sees the trunk before its position
+        first = len(self.labels)
         for j in range(rollout.n_sampled):  # thought token j is predicted at the token before it
             self._read(start + len(opened) + j - 1, rollout.thought_ids[j], sampled=True)
-        self.thoughts[row] = slice(first, len(self.index))
+        self.thoughts[index] = slice(first, len(self.labels))
         t0 = start + len(opened) + len(rollout.thought_ids)
-        first = len(self.index)
+        first = len(self.labels)
         for h, token in enumerate(target):
             self._read(t0 + h - 1, token)
-        self.targets[row] = slice(first, len(self.index))
+        self.targets[index] = slice(first, len(self.labels))
 
-    def attention_mask(self, device) -> torch.Tensor:
-        """[L, L] bool, True where query q may attend to key k."""
-        seg, branch, limit = (torch.tensor(x, device=device) for x in (self.segment, self.branch, self.limit))
-        idx = torch.arange(len(seg), device=device)
-        k, q = idx[None, :], idx[:, None]
-        trunk_key = branch[None, :] == -1
-        return (seg[None, :] == seg[:, None]) & (k <= q) & (
-            (trunk_key & (k < limit[:, None])) | (branch[None, :] == branch[:, None]))
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ids and position ids [B, W], and the attention mask [B, W, W]: True where query q may
+        attend key k. A trunk token sees the trunk before it; a branch token sees the trunk before
+        its position and its own branch before it; padding sees only itself."""
+        width = max(len(r["ids"]) for r in self.rows)
+
+        def padded(key, fill):
+            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in self.rows], device=device)
+
+        ids, pos, branch, limit = padded("ids", 0), padded("pos", 0), padded("branch", -2), padded("limit", 0)
+        k = torch.arange(width, device=device)
+        causal = k[None, None, :] <= k[None, :, None]
+        trunk_key = (branch == -1)[:, None, :]
+        sees_trunk = trunk_key & (k[None, None, :] < limit[:, :, None])
+        own_branch = (branch[:, None, :] == branch[:, :, None]) & ~trunk_key
+        mask = causal & (sees_trunk | own_branch)
+        return ids, pos, mask | torch.eye(width, dtype=torch.bool, device=device)[None]
 
 
 def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *,
@@ -147,20 +154,20 @@ def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: lis
             longest = max(run, key=lambda g: len(contexts[g]))
             trunk = contexts[longest] + (targets[longest] if no_think else [])
             if shared:
-                start = pack.add_trunk(trunk)
+                pack.add_trunk(trunk)
                 for g in run:
                     if no_think:
-                        pack.add_no_think(g, start, len(contexts[g]), targets[g])
+                        pack.add_no_think(g, len(contexts[g]), targets[g])
                     for i in by_position.get(g, []):
-                        pack.add_branch(i, rollouts[i], len(contexts[g]), start, targets[g])
+                        pack.add_branch(i, rollouts[i], len(contexts[g]), targets[g])
             else:  # every thought with its own copy of the context
                 for g in run:
                     if no_think:
-                        start = pack.add_trunk(contexts[g] + targets[g])
-                        pack.add_no_think(g, start, len(contexts[g]), targets[g])
+                        pack.add_trunk(contexts[g] + targets[g])
+                        pack.add_no_think(g, len(contexts[g]), targets[g])
                     for i in by_position.get(g, []):
-                        start = pack.add_trunk(list(contexts[g]))
-                        pack.add_branch(i, rollouts[i], len(contexts[g]), start, targets[g])
+                        pack.add_trunk(contexts[g])
+                        pack.add_branch(i, rollouts[i], len(contexts[g]), targets[g])
         packs.append(([i for g in chosen for i in by_position.get(g, [])], pack))
     return packs
 
@@ -178,10 +185,10 @@ class ChunkedLogProbs(torch.nn.Module):
     chunk's logits exist at once. It calls the real head module, so sharded backends (ZeRO-3's
     hooks, FSDP2's unsharded root parameters) see an ordinary call of it."""
 
-    def __init__(self, head: torch.nn.Module, labels: torch.Tensor, sampled: torch.Tensor, temperature: float,
-                 top_p: float, extras: bool, chunk: int):
+    def __init__(self, head: torch.nn.Module, where: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
+                 sampled: torch.Tensor, temperature: float, top_p: float, extras: bool, chunk: int):
         super().__init__()
-        self.head, self.chunk, self.extras = head, chunk, extras
+        self.head, self.where, self.chunk, self.extras = head, where, chunk, extras
         self.labels, self.sampled, self.temperature, self.top_p = labels, sampled, temperature, top_p
         self.argmax = self.entropy = None
 
@@ -193,7 +200,7 @@ class ChunkedLogProbs(torch.nn.Module):
         return torch.where(sampled, sampling_logprobs(logits, labels, self.temperature, self.top_p), plain)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = hidden[0]
+        hidden = hidden[self.where]  # [reads, D]: only where a log-prob is read
         out, argmax, entropy = [], [], []
         for s in range(0, hidden.shape[0], self.chunk):
             part = slice(s, s + self.chunk)
@@ -210,7 +217,7 @@ class ChunkedLogProbs(torch.nn.Module):
                     entropy.append(-(tempered.exp() * tempered).sum(-1))
         if self.extras:
             self.argmax, self.entropy = torch.cat(argmax), torch.cat(entropy)
-        return torch.cat(out)[None, :, None]
+        return torch.cat(out)
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
@@ -233,7 +240,7 @@ def _head_swapped(model, head: torch.nn.Module):
 
 @dataclass
 class PackedLogProbs:
-    logp: torch.Tensor  # [K] log-probs at the pack's read positions (carries grad in the update)
+    logp: torch.Tensor  # [reads] log-probs at the pack's reads (carries grad in the update)
     argmax: torch.Tensor | None  # [K] the model's greedy prediction there (with extras)
     entropy: torch.Tensor | None  # [K] entropy of the sampling distribution there (with extras)
 
@@ -241,23 +248,19 @@ class PackedLogProbs:
 def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float = 1.0, autocast: bool = False,
                     extras: bool = False, chunk: int | None = None) -> PackedLogProbs:
     """One forward of a pack through `model` (a Hugging Face causal LM, possibly wrapped by DDP,
-    DeepSpeed or sharded by FSDP2)."""
+    DeepSpeed or sharded by FSDP2): the log-probs of its reads, in order."""
     inner = getattr(model, "module", model)
     device = next(inner.parameters()).device
-    original = inner.get_output_embeddings()
-    vocab = inner.config.vocab_size
-    chunk = chunk or max(16, 2**27 // vocab)  # ~512 MB of fp32 logits per chunk
-    labels = torch.tensor(pack.labels, device=device)
-    sampled = torch.tensor(pack.sampled, device=device)
-    mask = pack.attention_mask(device)
+    chunk = chunk or max(16, 2**27 // inner.config.vocab_size)  # ~512 MB of fp32 logits per chunk
+    ids, pos, mask = pack.tensors(device)
     if inner.config._attn_implementation == "eager":  # eager attention adds its mask
         mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
     elif inner.config._attn_implementation != "sdpa":
-        raise ValueError(f"packed sequences need sdpa or eager attention, not {inner.config._attn_implementation!r}; "
-                         "set train.shared_prefix=false")
-    head = ChunkedLogProbs(original, labels, sampled, temperature, top_p, extras, chunk)
-    ids = torch.tensor([pack.input_ids], device=device)
+        raise ValueError(f"packed sequences need sdpa or eager attention, not {inner.config._attn_implementation!r}")
+    where = (torch.tensor(pack.read_row, device=device), torch.tensor(pack.read_col, device=device))
+    head = ChunkedLogProbs(inner.get_output_embeddings(), where, torch.tensor(pack.labels, device=device),
+                           torch.tensor(pack.sampled, device=device), temperature, top_p, extras, chunk)
     with _head_swapped(model, head), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=ids, attention_mask=mask[None, None], position_ids=torch.tensor([pack.position_ids],
-                    device=device), logits_to_keep=torch.tensor(pack.index, device=device), use_cache=False)
-    return PackedLogProbs(out.logits[0, :, 0], head.argmax, head.entropy)
+        # logits_to_keep=0: the head gets every hidden state and projects only the reads
+        out = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, logits_to_keep=0, use_cache=False)
+    return PackedLogProbs(out.logits, head.argmax, head.entropy)

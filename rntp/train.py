@@ -85,7 +85,7 @@ def update_policy(engine: Engine, ref, *, contexts: list[list[int]], rollouts: l
             # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
             rows, pack = packs[m] if m < len(packs) else stand_in
             live = keep[rows] & (m < len(packs))
-            packed_tokens += len(pack.input_ids)
+            packed_tokens += pack.tokens
             out = packed_logprobs(engine.model, pack, **sampling)
             logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
             target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)

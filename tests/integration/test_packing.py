@@ -96,10 +96,10 @@ def test_one_trunk_per_chunk_when_shared():
     (_, shared), = build_packs(contexts, rollouts, targets, positions_per_pack=4, no_think=True)
     (_, unshared), = build_packs(contexts, rollouts, targets, positions_per_pack=4, shared=False, no_think=True)
     branches = sum(len(r.prompt_ids) - len(contexts[r.group]) + len(r.thought_ids) + 4 for r in rollouts)
-    assert len(shared.input_ids) == (27 + 4) + (12 + 4) + branches  # each chunk's tokens once
-    assert len(unshared.input_ids) == sum(len(c) + 4 for c in contexts) + \
-        sum(len(contexts[r.group]) for r in rollouts) + branches
-    assert max(shared.segment) == 1
+    assert shared.tokens == (27 + 4) + (12 + 4) + branches  # each chunk's tokens once
+    assert unshared.tokens == sum(len(c) + 4 for c in contexts) + sum(len(contexts[r.group]) for r in rollouts) \
+        + branches
+    assert len(shared.rows) == 2 and len(unshared.rows) == len(contexts) + len(rollouts)
 
 
 def loss_of(values: dict, weights: dict) -> torch.Tensor:
