@@ -183,6 +183,8 @@ class OptimConfig(Section):
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # torch's fused AdamW (CPU and CUDA): the same update in one kernel; false for the for-each one
+    fused: bool = True
 
 
 class DistConfig(Section):
