@@ -194,6 +194,8 @@ class OptimConfig(Section):
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    # torch's fused AdamW (CPU and CUDA): the same update in one kernel; false for the for-each one
+    fused: bool = True
 
 
 class DistConfig(Section):
@@ -238,6 +240,9 @@ class TrainConfig(Section):
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
+    # Score and update each context once for all its thoughts (and a chunk once for all its
+    # positions): shared-prefix packs. false computes the context once per thought (same results).
+    shared_prefix: bool = True
     seed: int = Field(0, ge=0)
 
 

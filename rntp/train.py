@@ -23,9 +23,8 @@ from transformers import AutoTokenizer
 
 from rewards import (RewardInputs, apply_reward_config, get_reward, no_think_logprobs, position_entropies,
                      reward_names, score_groups, token_logprobs)
-from rewards.scoring import policy_logprobs
+from rewards.scoring import Scored, positions_per_pack
 from rewards.functions import token_bytes_fn
-from rewards.scoring import SequenceBatch
 from rntp import grpo, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config
@@ -35,6 +34,7 @@ from rntp.distributed import (Engine, all_gather_object, all_reduce_sum, broadca
 from rntp.evaluate import build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, PhaseTimer, peak_memory_gb
 from rntp.models import load_policy, load_trainable
+from rntp.packing import build_packs, packed_logprobs
 from rntp.prepare import resolve_model_path
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rollout import SamplingSpec, ThinkTags, make_sampler
@@ -43,69 +43,74 @@ from rollout.spans import pad_id_of
 log = logging.getLogger(__name__)
 
 
-def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Tensor, advantages: torch.Tensor,
-                  keep: torch.Tensor, cfg: Config, micro_steps: int | None, *,
-                  behaviour: torch.Tensor | None = None) -> dict:
-    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept rows of a batch.
+def update_policy(engine: Engine, ref, *, contexts: list[list[int]], rollouts: list, targets: list[list[int]],
+                  scored: Scored, advantages: torch.Tensor, keep: torch.Tensor, cfg: Config,
+                  micro_steps: int | None) -> dict:
+    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept thoughts.
 
+    Each micro-pass is one shared-prefix pack (`rntp.packing`): whole groups, each context computed
+    once for all its thoughts, forward and backward (`train.shared_prefix=false`: once per thought).
     With one epoch the ratio's old log-probs are the update forward's own (detached), so the first
-    ratio is exactly 1 whatever scoring's code path and precision gave; with several, `old_logp`
-    (scoring's) anchors every pass. `behaviour` (the sampler's log-probs, as `old_logp`) turns on
-    the mismatch correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
+    ratio is exactly 1 whatever scoring's code path and precision gave; with several, scoring's
+    anchor every pass. The sampler's log-probs (`scored.behaviour_logprobs`) turn on the mismatch
+    correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
 
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
     the world size because every backend averages gradients across ranks. With `micro_steps`
     set, every rank runs exactly that many forward/backward passes per optimizer step (sharded
-    backends and DeepSpeed's accumulation need it), padding with a fully masked row.
+    backends and DeepSpeed's accumulation need it), padding with a pack whose loss is masked.
     """
     g = cfg.grpo
     device, world = engine.info.device, engine.info.world_size
-    idx = keep.nonzero().squeeze(1)
-    kept = batch.rows(idx)
-    seqs, tokens, target_tokens = all_reduce_sum([len(kept), float(kept.thought_mask.sum()),
-                                                  float(kept.target_mask.sum())])
+    horizon = len(targets[0])
+    n_sampled = torch.tensor([r.n_sampled for r in rollouts])
+    seqs, tokens, target_tokens = all_reduce_sum([float(keep.sum()), float(n_sampled[keep].sum()),
+                                                  float(keep.sum()) * horizon])
     norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
-    size = cfg.train.micro_batch
-    passes = micro_steps or -(-len(kept) // size)
+    # scoring's per-thought values, compacted to [thought, token] (first n_sampled columns)
+    width = max(1, int(n_sampled.max()))
+    old_logp = compact(scored.thought_logprobs, scored.batch.thought_mask, width)
+    behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
+        if scored.behaviour_logprobs is not None else None
+    per_pack = positions_per_pack(rollouts, cfg.train.micro_batch)
+    kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
+    packs = build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=cfg.train.shared_prefix,
+                        positions=kept_positions)
+    passes = micro_steps or len(packs)
+    stand_in = build_packs(contexts, rollouts, targets, positions_per_pack=1, positions=[0])[0]
+    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16)
     stats = torch.zeros(6, dtype=torch.float64)  # policy loss, nll, kl, clipped, IS weight sum, corrected
-    grad_norm = float("nan")
+    packed_tokens, grad_norm = 0, float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
-            rows = idx[m * size : (m + 1) * size]
-            if len(rows) == 0:  # a masked stand-in keeps every rank's collectives in step
-                rows = torch.zeros(1, dtype=torch.long)
-                mb = batch.rows(rows)
-                mb.thought_mask.zero_()
-                mb.target_mask.zero_()
-                adv = torch.zeros(1)
-            else:
-                mb, adv = batch.rows(rows), advantages[rows]
-            mb = mb.to(device)
-            tail = mb.tail  # logits only where thoughts and targets are
-            sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast_bf16):
-                logp = policy_logprobs(engine.model, mb, tail, **sampling).float()
-                if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
-                    with torch.no_grad():
-                        ref_logp = policy_logprobs(ref, mb, tail, **sampling).float()
-            thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
+            # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
+            rows, pack = packs[m] if m < len(packs) else stand_in
+            live = keep[rows] & (m < len(packs))
+            packed_tokens += pack.tokens
+            out = packed_logprobs(engine.model, pack, **sampling)
+            logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
+            target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
+            thought_mask = thought_mask & live[:, None].to(device)
             mask = thought_mask.float()
-            old = logp.detach() if g.epochs == 1 else old_logp[rows, -tail:].to(device)
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old, adv.to(device), g.clip_low, g.clip_high)
+            old = logp.detach() if g.epochs == 1 else old_logp[rows].to(device)
+            tok_loss, clipped = grpo.clipped_surrogate(logp, old, advantages[rows].to(device), g.clip_low, g.clip_high)
             if behaviour is not None:
-                weight, corrected = grpo.importance_weights(old - behaviour[rows, -tail:].to(device), thought_mask,
+                weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
                                                             g.mismatch_correction, g.is_cap, g.is_band)
                 tok_loss = tok_loss * weight
                 stats[4] += float(weight.sum())
                 stats[5] += float(corrected.sum())
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats[0] += loss.item()
-            if ref is not None and g.kl_coef > 0:
+            if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
+                with torch.no_grad():
+                    ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,
+                                          [pack.thoughts[i] for i in rows], width)
                 kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
                 loss = loss + g.kl_coef * kl
                 stats[2] += kl.item()
             if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                nll = -(logp * target_mask).sum() / max(target_tokens, 1)
+                nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
                 loss = loss + g.nll_coef * nll
                 stats[1] += nll.item()
             engine.backward(loss * world)
@@ -115,12 +120,33 @@ def update_policy(engine: Engine, ref, batch: SequenceBatch, old_logp: torch.Ten
         (stats / torch.tensor([g.epochs] * 3 + [1.0] * 3)).tolist())
     passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
     out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
-           "optim/grad_norm": grad_norm}
+           "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens}
     if behaviour is not None:
         out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
         out["loss/kl"] = kl
     return out
+
+
+def compact(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, L-1] values under a per-row mask -> [N, width], each row's masked values first."""
+    out = torch.zeros(values.shape[0], width, dtype=values.dtype)
+    for i in range(values.shape[0]):
+        row = values[i][mask[i]]
+        out[i, : len(row)] = row
+    return out
+
+
+def per_row(values: torch.Tensor, spans: list[slice], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read-outs of a pack gathered per thought: [rows, width] values and their mask."""
+    index = torch.zeros(len(spans), width, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.bool)
+    for j, span in enumerate(spans):
+        count = span.stop - span.start
+        index[j, :count] = torch.arange(span.start, span.stop)
+        mask[j, :count] = True
+    index, mask = index.to(values.device), mask.to(values.device)
+    return values.float()[index] * mask, mask
 
 
 SUMMED = ("groups/dropped", "data/", "tokens_per_s/")  # across ranks; time, memory and sync take the max
@@ -345,7 +371,8 @@ def train(cfg: Config) -> Path | None:
             targets = [p.target for p in positions]
             scored = score_groups(engine.model, [p.context for p in positions], rollouts, targets, pad_id,
                                   cfg.train.micro_batch, cfg.model.autocast_bf16,
-                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+                                  temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                                  shared=cfg.train.shared_prefix)
             no_think = scored.no_think_logprobs
             engine.train(True)
 
@@ -382,9 +409,9 @@ def train(cfg: Config) -> Path | None:
 
         # 4. Policy update on the thought tokens.
         with timer("update"):
-            update = update_policy(engine, initial, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
-                                   fixed_passes, behaviour=scored.behaviour_logprobs) \
-                if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
+            update = update_policy(engine, initial, contexts=[p.context for p in positions], rollouts=rollouts,
+                                   targets=targets, scored=scored, advantages=advantages, keep=keep, cfg=cfg,
+                                   micro_steps=fixed_passes) if all_reduce_sum([float(keep.sum())])[0] > 0 else {}
             lr = engine.lr()
             if update:  # the schedule follows optimizer steps: a step that kept no group leaves lr as it is
                 engine.step_scheduler()
@@ -409,6 +436,7 @@ def train(cfg: Config) -> Path | None:
         sampled_tokens = int(thought_len.sum())
         open_len = len(tags.open_ids)  # the open tag is several tokens with most tokenizers
         scored_tokens = sum(p.p + H for p in positions) + sum(open_len + len(r.thought_ids) + H for r in rollouts)
+        # the tokens of the kept sequences as if unshared, so that shared and unshared rates compare
         update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
         finite = rewards[torch.isfinite(rewards)]
         row = {

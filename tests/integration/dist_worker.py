@@ -51,8 +51,9 @@ def step(args):
     group = torch.tensor([r.group for r in my_rollouts])
     advantages = grpo.group_advantages(my_rewards, group, "group")
     keep = torch.ones(len(my_rollouts), dtype=torch.bool)
-    stats = update_policy(engine, None, scored.batch, scored.thought_logprobs, advantages, keep, cfg,
-                          passes if info.world_size > 1 or args.backend == "deepspeed" else None)
+    stats = update_policy(engine, None, contexts=[contexts[g] for g in mine], rollouts=my_rollouts,
+                          targets=[targets[g] for g in mine], scored=scored, advantages=advantages, keep=keep, cfg=cfg,
+                          micro_steps=passes if info.world_size > 1 or args.backend == "deepspeed" else None)
     state = engine.full_state_dict()
     if info.rank == 0:
         torch.save({"state": state, "stats": stats}, args.out)
