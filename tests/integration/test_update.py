@@ -101,8 +101,9 @@ def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_
     assert 0 < expected_capped < 1
 
 
-@pytest.mark.parametrize("aggregation, micro_batch", [("seq_mean", 5), ("token_mean", 12)])
-def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_batch, tiny_model_dir):
+@pytest.mark.parametrize("aggregation, micro_batch, checkpointing", [("seq_mean", 5, False), ("token_mean", 12, False),
+                                                                      ("seq_mean", 12, True)])
+def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_batch, checkpointing, tiny_model_dir):
     """The whole update (clipped surrogate, IS weights, NLL term, micro-packs of whole groups: one
     position each, or four, three of them of one chunk) with each context computed once equals the
     update computing it once per thought (float64)."""
@@ -124,6 +125,8 @@ def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_ba
                                  f"train.shared_prefix={str(shared).lower()}", "grpo.nll_coef=0.3",
                                  f"grpo.loss_aggregation={aggregation}", "rollout.temperature=0.9"])
         model = load64(tiny_model_dir)
+        if checkpointing:  # the shared context's activations are recomputed in backward too
+            model.gradient_checkpointing_enable()
         scored = score_groups(model.eval(), contexts, rollouts, targets, 0, micro_batch, temperature=0.9,
                               shared=shared)
         engine = Engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
