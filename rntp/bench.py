@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"scoring share of step time: {100 * med('time/score') / step:.1f}%  (aim < 15%)")
     print(f"peak memory: {max(r['memory/peak_gb'] for r in rows):.2f} GB")
     mismatch(args, cfg, rows, step)
+    shared_prefix(cfg, args.steps)
     sampler_ratio(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
@@ -97,6 +98,130 @@ def mismatch(args: argparse.Namespace, cfg: Config, rows: list[dict], step_s: fl
         grpo.importance_weights(log_ratio, mask, cfg.grpo.mismatch_correction, cfg.grpo.is_cap, cfg.grpo.is_band)
     cost = (time.perf_counter() - t) / 100 * cfg.grpo.epochs
     print(f"correction cost: {1e3 * cost:.3f} ms per step = {100 * cost / step_s:.3f}% of the step (aim < 2%)")
+
+
+def shared_prefix(cfg: Config, repeats: int) -> None:
+    """The update on one batch with each context computed once (shared-prefix packs) and once per
+    thought, alternated on the same weights: time, tokens/s and peak memory, at the config's shapes
+    and at a long-context shape (context 512, G=8, T=32)."""
+    from rntp.models import load_policy
+    from rntp.prepare import resolve_model_path
+
+    path = resolve_model_path(cfg.model.name_or_path)
+    policy = load_policy(path, cfg)
+    shapes = [("config", cfg.data.chunk_tokens, cfg.rollout.group_size, cfg.rollout.max_thought_tokens,
+               cfg.train.positions_per_step, cfg.train.micro_batch),
+              ("long context", 640, 8, 32, 2, 16)]
+    print("\n== update: shared prefix vs one context per thought (same batch, same weights) ==")
+    for label, chunk, group, thought, positions, micro_batch in shapes:
+        batch = synthetic_batch(policy.config.vocab_size, chunk, group, thought, cfg.data.horizon, positions)
+        figures = {}
+        for shared in [True, False] * max(1, repeats // 2):
+            figures.setdefault(shared, []).append(time_update(policy, cfg, batch, shared, micro_batch))
+        med = {k: (statistics.median(t for t, _, _ in v), max(m for _, m, _ in v), v[0][2]) for k, v in figures.items()}
+        logical = batch["logical_tokens"]
+        print(f"{label} (context ~{batch['mean_context']:.0f}, G={group}, T={thought}, H={cfg.data.horizon}, "
+              f"{positions} positions, micro-batch {micro_batch}):")
+        for shared in (True, False):
+            t, mem, packed = med[shared]
+            print(f"  {'shared  ' if shared else 'unshared'}: {t:6.2f} s  {logical / t:8.1f} tok/s  "
+                  f"({packed} tokens forwarded)  peak +{mem:.2f} GB")
+        print(f"  speed-up {med[False][0] / med[True][0]:.2f}x, memory {med[True][1] / max(med[False][1], 1e-9):.2f}x")
+
+
+def synthetic_batch(vocab: int, chunk: int, group: int, thought: int, horizon: int, positions: int) -> dict:
+    """Positions at the end of random chunks with G thoughts of full length each (the update's cost
+    does not depend on what the thoughts say)."""
+    import torch
+
+    from rntp.scoring import build_batch
+    from rollout import Rollout
+
+    gen = torch.Generator().manual_seed(0)
+    contexts, targets, rollouts = [], [], []
+    for g in range(positions):
+        ids = torch.randint(100, vocab, (chunk,), generator=gen).tolist()
+        p = chunk - horizon - g * 7  # contexts of slightly different lengths
+        contexts.append(ids[:p])
+        targets.append(ids[p : p + horizon])
+        for _ in range(group):
+            sampled = torch.randint(100, vocab, (thought,), generator=gen).tolist()
+            rollouts.append(Rollout(g, ids[:p] + [44, 17400, 46], sampled + [9617, 17400, 46], thought, False))
+    logical = int(build_batch(rollouts, [targets[r.group] for r in rollouts], 0).attention_mask.sum())
+    return {"contexts": contexts, "targets": targets, "rollouts": rollouts, "logical_tokens": logical,
+            "mean_context": sum(map(len, contexts)) / len(contexts)}
+
+
+def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int) -> tuple[float, float, int]:
+    """One optimizer step of the update on `batch`: seconds, peak memory above the start (GB), and
+    tokens forwarded. The weights are restored afterwards, so every call sees the same model."""
+    import copy
+
+    import torch
+
+    from rntp.config import load_config
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
+    from rntp.scoring import score_groups
+    from rntp.train import update_policy
+
+    run = load_config(None, [f"model.name_or_path={cfg.model.name_or_path}", f"train.micro_batch={micro_batch}",
+                             f"train.shared_prefix={str(shared).lower()}", "optim.lr=1e-6"])
+    saved = copy.deepcopy(policy.state_dict())
+    scored = score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
+                          micro_batch=micro_batch)
+    advantages = torch.randn(len(batch["rollouts"]), generator=torch.Generator().manual_seed(1))
+    engine = make_engine(policy.train(), run, DistInfo(device=next(policy.parameters()).device), 1, total_steps=1)
+    keep = torch.ones(len(batch["rollouts"]), dtype=torch.bool)
+    with PeakMemory() as memory:
+        t = time.perf_counter()
+        out = update_policy(engine, ref=None, contexts=batch["contexts"], rollouts=batch["rollouts"],
+                            targets=batch["targets"], scored=scored, advantages=advantages, keep=keep, cfg=run)
+        seconds = time.perf_counter() - t
+    policy.load_state_dict(saved)
+    return seconds, memory.peak_gb, out["update/packed_tokens"]
+
+
+class PeakMemory:
+    """Peak memory above the level at entry: allocated GPU memory, or resident memory on CPU
+    (sampled every 5 ms from /proc, since the process's own peak cannot be reset)."""
+
+    def __enter__(self):
+        import threading
+
+        import torch
+
+        self.cuda = torch.cuda.is_available()
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+            return self
+        self.start = self.peak = self._rss()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+        return self
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self):
+        while not self.done.wait(0.005):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_gb = (torch.cuda.max_memory_allocated() - self.start) / 2**30
+        else:
+            self.done.set()
+            self.thread.join()
+            self.peak_gb = (max(self.peak, self._rss()) - self.start) / 2**30
 
 
 def sampler_ratio(cfg: Config, repeats: int) -> None:

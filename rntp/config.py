@@ -240,6 +240,9 @@ class OptimConfig(Section):
     """Linear warm-up, in training steps."""
     grad_clip: float = Field(1.0, gt=0)
     """Clip the gradient norm to this."""
+    fused: bool = True
+    """torch's fused AdamW (CPU and CUDA): the same update in one kernel (clip + step 0.25 s -> 0.08 s for
+    135M on 2 cores); false for the for-each one."""
 
 
 class DistConfig(Section):
@@ -297,6 +300,9 @@ class TrainConfig(Section):
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
     micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
     save_every: int = Field(0, ge=0, description="0 = only at the end")
+    shared_prefix: bool = True
+    """Score and update each context once for all its thoughts (and a chunk once for all its positions):
+    shared-prefix packs. false computes the context once per thought (same results)."""
     seed: int = Field(0, ge=0)
     """Seed of the run (sampling, initialisation of RNGs)."""
 

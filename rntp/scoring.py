@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
+from rntp.packing import LOGP_FLOOR, sampling_logprobs  # noqa: F401 (re-exported for scoring's readers)
 from rollout.spans import Rollout, left_pad
 
 
@@ -74,36 +75,6 @@ def token_logprobs(model, input_ids, attention_mask, *, tail: int | None = None,
     return (logp, logits) if with_logits else logp
 
 
-def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: float = 1.0,
-                      top_p: float = 1.0) -> torch.Tensor:
-    """log p of `ids` under the distribution the sampler draws from: logits divided by the
-    temperature, then restricted to the top-p nucleus (the most likely tokens, kept while the mass
-    above them is below `top_p`) and renormalised, as vLLM and transformers sample. A token outside
-    the nucleus has probability 0; its log-prob is floored at LOGP_FLOOR to keep ratios finite."""
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_p < 1.0:
-        probs, order = logits.float().softmax(-1).sort(-1, descending=True)
-        mass_above = probs.cumsum(-1) - probs
-        outside = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_above >= top_p)
-        logits = logits.masked_fill(outside, float("-inf"))
-        return selective_log_softmax(logits, ids).clamp(min=LOGP_FLOOR)
-    return selective_log_softmax(logits, ids)
-
-
-LOGP_FLOOR = -1e4
-
-
-def policy_logprobs(model, batch: "SequenceBatch", tail: int, *, temperature: float = 1.0,
-                    top_p: float = 1.0) -> torch.Tensor:
-    """[B, tail] log-probs for the update: thought tokens under the sampling distribution (so that
-    ratios compare like with like), every other token under the model itself (a target's score is
-    the model's own likelihood)."""
-    logp, logits = token_logprobs(model, batch.input_ids, batch.attention_mask, tail=tail, with_logits=True)
-    if temperature == 1.0 and top_p == 1.0:
-        return logp
-    sampled = sampling_logprobs(logits, batch.input_ids[:, -tail:], temperature, top_p)
-    return torch.where(batch.thought_mask[:, -tail:], sampled, logp)
 
 
 @dataclass
@@ -166,74 +137,38 @@ def position_entropies(model, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *, pad_id: int,
-                 micro_batch: int, autocast: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> Scored:
-    """Fused scoring of all thoughts, sharing each position's context.
-
-    Per position, one forward over context + target gives the no-think target log-probs and
-    the context's KV cache; the G continuations [OPEN][thought][CLOSE][target] then run on
-    that cache, giving the old log-probs of the thought tokens and the target log-probs after
-    the thought (the reward) in the same pass. The context is computed once, not G times.
+                 micro_batch: int, autocast: bool = False, temperature: float = 1.0, top_p: float = 1.0,
+                 shared: bool = True) -> Scored:
+    """Fused scoring of all thoughts: per position, the no-think target log-probs; per thought, the
+    old log-probs of its tokens and the log-probs of the target after it (the reward), all from
+    one forward of shared-prefix packs (`rntp.packing`): each chunk's tokens once, every thought
+    branch attending to its context. `micro_batch` thoughts (whole groups) go into a pack.
     `rollouts[i].group` indexes `contexts` and `targets`. Thought log-probs (and their entropy) are
     those of the sampling distribution (`temperature`, `top_p`); target log-probs are the model's.
     """
+    from rntp.packing import build_packs, packed_logprobs
+
     horizon = len(targets[0])
     if any(len(t) != horizon for t in targets):
         raise ValueError("all targets in a batch must have the same horizon")
-    by_group: dict[int, list[int]] = {}
-    for i, r in enumerate(rollouts):
-        by_group.setdefault(r.group, []).append(i)
     batch = build_batch(rollouts, [targets[r.group] for r in rollouts], pad_id)
-    device = next(model.parameters()).device
     n = len(rollouts)
-    thought_vals: list[torch.Tensor] = [torch.empty(0)] * n
+    thought_lp = torch.zeros(batch.thought_mask.shape)
     target_lp, pred = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.long)
     entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
     no_think_greedy = torch.zeros(len(contexts), horizon, dtype=torch.bool)
-    groups = sorted(by_group)
-    per_step = max(1, micro_batch // max(len(v) for v in by_group.values()))
-    for s in range(0, len(groups), per_step):
-        gs = groups[s : s + per_step]
-        # 1. Context + target, once per position: no-think scores and the context cache.
-        plain, plain_hits, cache, attn = _context_forward(model, [contexts[g] for g in gs], [targets[g] for g in gs],
-                                                          pad_id, autocast, keep_cache=True)
-        for row, g in enumerate(gs):
-            no_think[g], no_think_greedy[g] = plain[row].cpu(), plain_hits[row].cpu()
-        context_width = attn.shape[1] - horizon
-        cache.crop(-horizon)  # drop the target, keep the context
-        rows = [i for g in gs for i in by_group[g]]
-        source_row = [row for row, g in enumerate(gs) for _ in by_group[g]]
-        cache.batch_select_indices(torch.tensor(source_row, device=device))  # one cache row per thought
-        # 2. The continuations of every thought, right-padded, on the shared context cache.
-        conts = [rollouts[i].prompt_ids[len(contexts[rollouts[i].group]):] + rollouts[i].thought_ids
-                 + targets[rollouts[i].group] for i in rows]
-        width = max(map(len, conts))
-        cont_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        cont_attn = torch.zeros_like(cont_ids)
-        for j, c in enumerate(conts):
-            cont_ids[j, : len(c)] = torch.tensor(c)
-            cont_attn[j, : len(c)] = 1
-        prefix_attn = attn[source_row, :context_width]
-        ctx_len = prefix_attn.sum(-1, keepdim=True)
-        cont_ids, cont_attn = cont_ids.to(device), cont_attn.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            logits = model(input_ids=cont_ids, attention_mask=torch.cat([prefix_attn, cont_attn], 1),
-                           position_ids=ctx_len + torch.arange(width, device=device), past_key_values=cache,
-                           use_cache=False).logits[:, :-1].float()
-        logp = selective_log_softmax(logits, cont_ids[:, 1:])
-        for j, i in enumerate(rows):
-            r = rollouts[i]
-            first = len(r.prompt_ids) - len(contexts[r.group]) - 1  # predicts the first thought token
-            span = slice(first, first + r.n_sampled)
-            if r.n_sampled:
-                thought_vals[i] = sampling_logprobs(logits[j, span], cont_ids[j, 1:][span], temperature, top_p).cpu()
-            t0 = first + len(r.thought_ids)
-            target_lp[i] = logp[j, t0 : t0 + horizon].cpu()
-            pred[i] = logits[j, t0 : t0 + horizon].argmax(-1).cpu()
-            if r.n_sampled:
-                entropy[i] = entropy_from_logits(logits[j, span] / temperature).mean().cpu()
-    thought_lp = torch.zeros(batch.thought_mask.shape)
-    for i, vals in enumerate(thought_vals):
-        thought_lp[i, batch.thought_mask[i]] = vals
+    per_pack = positions_per_pack(rollouts, micro_batch)
+    for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=shared, no_think=True):
+        out = packed_logprobs(model, pack, temperature=temperature, top_p=top_p, autocast=autocast, extras=True)
+        logp, argmax, ent = out.logp.float().cpu(), out.argmax.cpu(), out.entropy.cpu()
+        for i, span in pack.thoughts.items():
+            thought_lp[i, batch.thought_mask[i]] = logp[span]
+            if rollouts[i].n_sampled:
+                entropy[i] = ent[span].mean()
+        for i, span in pack.targets.items():
+            target_lp[i], pred[i] = logp[span], argmax[span]
+        for g, span in pack.no_think.items():
+            no_think[g], no_think_greedy[g] = logp[span], argmax[span] == torch.tensor(targets[g])
     target_ids = torch.tensor([targets[r.group] for r in rollouts])
     behaviour = None
     if all(r.behaviour_logprobs is not None for r in rollouts):
@@ -241,6 +176,12 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
         for i, r in enumerate(rollouts):
             behaviour[i, batch.thought_mask[i]] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
     return Scored(thought_lp, target_ids, target_lp, pred, entropy, batch, no_think, no_think_greedy, behaviour)
+
+
+def positions_per_pack(rollouts: list[Rollout], micro_batch: int) -> int:
+    """Whole groups per pack: as many positions as `micro_batch` thoughts hold (at least one)."""
+    largest = max((sum(1 for r in rollouts if r.group == g) for g in {r.group for r in rollouts}), default=1)
+    return max(1, micro_batch // max(largest, 1))
 
 
 @torch.no_grad()

@@ -36,9 +36,10 @@ from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_tokenizer, load_trainable
+from rntp.packing import build_packs, packed_logprobs
 from rntp.prepare import resolve_model_path
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
-from rntp.scoring import (Scored, SequenceBatch, no_think_logprobs, policy_logprobs, position_entropies, score_groups,
+from rntp.scoring import (Scored, no_think_logprobs, position_entropies, positions_per_pack, score_groups,
                           token_logprobs)
 from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
@@ -46,69 +47,74 @@ from rollout.spans import pad_id_of
 log = logging.getLogger(__name__)
 
 
-def update_policy(engine: Engine, *, ref: torch.nn.Module | None, batch: SequenceBatch, old_logp: torch.Tensor,
-                  advantages: torch.Tensor, keep: torch.Tensor, cfg: Config,
-                  behaviour: torch.Tensor | None = None) -> dict:
-    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept rows of a batch.
+def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list[list[int]], rollouts: list[Rollout],
+                  targets: list[list[int]], scored: Scored, advantages: torch.Tensor, keep: torch.Tensor,
+                  cfg: Config) -> dict:
+    """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept thoughts.
 
+    Each micro-pass is one shared-prefix pack (`rntp.packing`): whole groups, each context computed
+    once for all its thoughts, forward and backward (`train.shared_prefix=false`: once per thought).
     With one epoch the ratio's old log-probs are the update forward's own (detached), so the first
-    ratio is exactly 1 whatever scoring's code path and precision gave; with several, `old_logp`
-    (scoring's) anchors every pass. `behaviour` (the sampler's log-probs, as `old_logp`) turns on
-    the mismatch correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
+    ratio is exactly 1 whatever scoring's code path and precision gave; with several, scoring's
+    anchor every pass. The sampler's log-probs (`scored.behaviour_logprobs`) turn on the mismatch
+    correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
 
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
     the world size because every backend averages gradients across ranks. Where the engine asks for
     `fixed_passes` (several ranks, DeepSpeed's accumulation), every rank runs exactly that many
-    forward/backward passes per optimizer step, padding with a fully masked row.
+    forward/backward passes per optimizer step, padding with a pack whose loss is masked.
     """
     g = cfg.grpo
     device, world = engine.info.device, engine.info.world_size
-    idx = keep.nonzero().squeeze(1)
-    kept = batch.rows(idx)
-    seqs, tokens, target_tokens = all_reduce_sum([len(kept), float(kept.thought_mask.sum()),
-                                                  float(kept.target_mask.sum())])
+    horizon = len(targets[0])
+    n_sampled = torch.tensor([r.n_sampled for r in rollouts])
+    seqs, tokens, target_tokens = all_reduce_sum([float(keep.sum()), float(n_sampled[keep].sum()),
+                                                  float(keep.sum()) * horizon])
     norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
-    size = cfg.train.micro_batch
-    passes = engine.fixed_passes or -(-len(kept) // size)
+    # scoring's per-thought values, compacted to [thought, token] (first n_sampled columns)
+    width = max(1, int(n_sampled.max()))
+    old_logp = compact(scored.thought_logprobs, scored.batch.thought_mask, width)
+    behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
+        if scored.behaviour_logprobs is not None else None
+    per_pack = positions_per_pack(rollouts, cfg.train.micro_batch)
+    kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
+    packs = build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=cfg.train.shared_prefix,
+                        positions=kept_positions)
+    passes = engine.fixed_passes or len(packs)
+    stand_in = build_packs(contexts, rollouts, targets, positions_per_pack=1, positions=[0])[0]
+    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16)
     stats = torch.zeros(6, dtype=torch.float64)  # policy loss, nll, kl, clipped, IS weight sum, corrected
-    grad_norm = float("nan")
+    packed_tokens, grad_norm = 0, float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
-            rows = idx[m * size : (m + 1) * size]
-            if len(rows) == 0:  # a masked stand-in keeps every rank's collectives in step
-                rows = torch.zeros(1, dtype=torch.long)
-                mb = batch.rows(rows)
-                mb.thought_mask.zero_()
-                mb.target_mask.zero_()
-                adv = torch.zeros(1)
-            else:
-                mb, adv = batch.rows(rows), advantages[rows]
-            mb = mb.to(device)
-            tail = mb.tail  # logits only where thoughts and targets are
-            sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.model.autocast_bf16):
-                logp = policy_logprobs(engine.model, mb, tail, **sampling).float()
-                if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
-                    with torch.no_grad():
-                        ref_logp = policy_logprobs(ref, mb, tail, **sampling).float()
-            thought_mask, target_mask = mb.thought_mask[:, -tail:], mb.target_mask[:, -tail:]
+            # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
+            rows, pack = packs[m] if m < len(packs) else stand_in
+            live = keep[rows] & (m < len(packs))
+            packed_tokens += pack.tokens
+            out = packed_logprobs(engine.model, pack, **sampling)
+            logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
+            target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
+            thought_mask = thought_mask & live[:, None].to(device)
             mask = thought_mask.float()
-            old = logp.detach() if g.epochs == 1 else old_logp[rows, -tail:].to(device)
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old, adv.to(device), g.clip_low, g.clip_high)
+            old = logp.detach() if g.epochs == 1 else old_logp[rows].to(device)
+            tok_loss, clipped = grpo.clipped_surrogate(logp, old, advantages[rows].to(device), g.clip_low, g.clip_high)
             if behaviour is not None:
-                weight, corrected = grpo.importance_weights(old - behaviour[rows, -tail:].to(device), thought_mask,
+                weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
                                                             g.mismatch_correction, g.is_cap, g.is_band)
                 tok_loss = tok_loss * weight
                 stats[4] += float(weight.sum())
                 stats[5] += float(corrected.sum())
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats[0] += loss.item()
-            if ref is not None and g.kl_coef > 0:
+            if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
+                with torch.no_grad():
+                    ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,
+                                          [pack.thoughts[i] for i in rows], width)
                 kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
                 loss = loss + g.kl_coef * kl
                 stats[2] += kl.item()
             if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                nll = -(logp * target_mask).sum() / max(target_tokens, 1)
+                nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
                 loss = loss + g.nll_coef * nll
                 stats[1] += nll.item()
             engine.backward(loss * world)
@@ -118,12 +124,33 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, batch: Sequenc
         (stats / torch.tensor([g.epochs] * 3 + [1.0] * 3)).tolist())
     passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
     out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
-           "optim/grad_norm": grad_norm}
+           "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens}
     if behaviour is not None:
         out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
         out["loss/kl"] = kl
     return out
+
+
+def compact(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
+    """[N, L-1] values under a per-row mask -> [N, width], each row's masked values first."""
+    out = torch.zeros(values.shape[0], width, dtype=values.dtype)
+    for i in range(values.shape[0]):
+        row = values[i][mask[i]]
+        out[i, : len(row)] = row
+    return out
+
+
+def per_row(values: torch.Tensor, spans: list[slice], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read-outs of a pack gathered per thought: [rows, width] values and their mask."""
+    index = torch.zeros(len(spans), width, dtype=torch.long)
+    mask = torch.zeros(len(spans), width, dtype=torch.bool)
+    for j, span in enumerate(spans):
+        count = span.stop - span.start
+        index[j, :count] = torch.arange(span.start, span.stop)
+        mask[j, :count] = True
+    index, mask = index.to(values.device), mask.to(values.device)
+    return values.float()[index] * mask, mask
 
 
 def make_ema(policy) -> torch.nn.Module:
@@ -225,7 +252,7 @@ def train(cfg: Config) -> Path | None:
         rewards, baseline = reward(run, positions, rollouts, scored)              # score -> reward
         adv = advantage(run, rewards, rollouts)                                  # advantage
         with timer("update"):
-            update, lr = update_step(run, scored, adv)                           # update
+            update, lr = update_step(run, positions, rollouts, scored, adv)      # update
         with timer("sync"):
             sync_diff = sync(run, step, positions, rollouts)                     # sync
         row = metrics_row(run, positions=positions, rollouts=rollouts, scored=scored, rewards=rewards,   # log
@@ -374,7 +401,8 @@ def score(run: Run, positions: list[Position], rollouts: list[Rollout]) -> Score
     run.engine.train(False)
     scored = score_groups(run.engine.model, [p.context for p in positions], rollouts, [p.target for p in positions],
                           pad_id=run.pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16,
-                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+                          temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
+                          shared=cfg.train.shared_prefix)
     run.engine.train(True)
     return scored
 
@@ -409,12 +437,13 @@ def advantage(run: Run, rewards: torch.Tensor, rollouts: list[Rollout]) -> grpo.
     return adv
 
 
-def update_step(run: Run, scored: Scored, adv: grpo.Advantages) -> tuple[dict, float]:
+def update_step(run: Run, positions: list[Position], rollouts: list[Rollout], scored: Scored,
+                adv: grpo.Advantages) -> tuple[dict, float]:
     """5. The policy update on the thought tokens (skipped when no rank kept a group), then the
     schedule; its metrics and the learning rate it used."""
-    update = update_policy(run.engine, ref=run.initial, batch=scored.batch, old_logp=scored.thought_logprobs,
-                           advantages=adv.values, keep=adv.keep, cfg=run.cfg, behaviour=scored.behaviour_logprobs) \
-        if all_reduce_sum([float(adv.keep.sum())])[0] > 0 else {}
+    update = update_policy(run.engine, ref=run.initial, contexts=[p.context for p in positions], rollouts=rollouts,
+                           targets=[p.target for p in positions], scored=scored, advantages=adv.values, keep=adv.keep,
+                           cfg=run.cfg) if all_reduce_sum([float(adv.keep.sum())])[0] > 0 else {}
     lr = run.engine.lr()
     if update:  # the schedule follows optimizer steps: a step that kept no group leaves lr as it is
         run.engine.step_scheduler()
@@ -448,6 +477,7 @@ def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout],
     thought_len = torch.tensor([float(r.n_sampled) for r in rollouts])
     open_len = len(run.tags.open_ids)  # the open tag is several tokens with most tokenizers
     scored_tokens = sum(p.p + H for p in positions) + sum(open_len + len(r.thought_ids) + H for r in rollouts)
+    # the tokens of the kept sequences as if unshared, so that shared and unshared rates compare
     update_tokens = int(scored.batch.attention_mask[keep].sum()) * cfg.grpo.epochs
     finite = rewards[torch.isfinite(rewards)]
     row = MetricsRow()

@@ -55,8 +55,8 @@ def step(args):
     keep = torch.ones(len(my_rollouts), dtype=torch.bool)
     # every rank runs the same number of passes where ranks (or DeepSpeed's accumulation) need it
     assert engine.fixed_passes == (passes if info.world_size > 1 or args.backend == "deepspeed" else None)
-    stats = update_policy(engine, ref=None, batch=scored.batch, old_logp=scored.thought_logprobs,
-                          advantages=advantages, keep=keep, cfg=cfg)
+    stats = update_policy(engine, ref=None, contexts=[contexts[g] for g in mine], rollouts=my_rollouts,
+                          targets=[targets[g] for g in mine], scored=scored, advantages=advantages, keep=keep, cfg=cfg)
     state = engine.full_state_dict()
     if info.rank == 0:
         torch.save({"state": state, "stats": stats}, args.out)

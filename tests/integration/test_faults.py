@@ -108,12 +108,12 @@ def run_until(cmd, env, stop_when, timeout=300):
 def test_sigkill_after_logging_and_mid_checkpoint_then_resume_reproduces_the_run(
         tiny_model_dir, corpus_file, tmp_path):
     common = ["train.steps=6", "train.save_every=2", "optim.lr=1e-3"]
-    train(load_config(None, overrides(tiny_model_dir, corpus_file, tmp_path / "full", *common)))
     run = tmp_path / "killed"
-    # The killed runs use this process's thread count: the uninterrupted run they are compared with ran
-    # here, and CPU reductions split over another number of threads differ in their last bits.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
+    # the uninterrupted run in a process like the killed one's (one thread: the same float sums)
+    subprocess.run([sys.executable, "-m", "rntp", "train", *overrides(tiny_model_dir, corpus_file, tmp_path / "full",
+                                                                       *common)], env=env, cwd=ROOT, check=True,
+                   capture_output=True)
     cmd = [sys.executable, "-m", "rntp", "train", *overrides(tiny_model_dir, corpus_file, run, *common)]
     # a step is fully logged once its samples are flushed (they follow its metrics row)
     logged = lambda step: (run / "samples.jsonl").exists() and \
@@ -125,7 +125,7 @@ def test_sigkill_after_logging_and_mid_checkpoint_then_resume_reproduces_the_run
     fault = lambda: (logged(4) and staging.exists()) or logged(5)  # noqa: E731
     assert run_until(cmd + [f"resume={run}"], env, fault) == -signal.SIGKILL
     print("fault 2 hit", "a checkpoint being written" if staging.exists() else "the run after step 5")
-    train(load_config(None, overrides(tiny_model_dir, corpus_file, run, *common, f"resume={run}")))
+    subprocess.run(cmd + [f"resume={run}"], env=env, cwd=ROOT, check=True, capture_output=True)
     full, resumed = rows(tmp_path / "full" / "metrics.jsonl"), rows(run / "metrics.jsonl")
     assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(full, resumed):

@@ -93,7 +93,7 @@ def nucleus_logprob(logits_row, token, temperature, top_p):
 def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, model):
     """Scoring (old log-probs) and the update's forward (new log-probs) give thought tokens the
     log-probs of the distribution sampled from, the same in both, and target tokens the model's own."""
-    from rntp.scoring import LOGP_FLOOR, build_batch, policy_logprobs
+    from rntp.packing import LOGP_FLOOR, build_packs, packed_logprobs
 
     contexts, rollouts, targets = make_groups()
     scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=temperature,
@@ -109,11 +109,11 @@ def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, m
                     for t in range(first, first + r.n_sampled)]
         got = scored.thought_logprobs[i][scored.batch.thought_mask[i]].double()
         torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-4)
-    batch = build_batch(rollouts, [targets[r.group] for r in rollouts], 0)
-    with torch.no_grad():
-        new = policy_logprobs(model, batch, batch.tail, temperature=temperature, top_p=top_p)
-    tail = batch.tail
-    thought = batch.thought_mask[:, -tail:]
-    torch.testing.assert_close(new[thought], scored.thought_logprobs[:, -tail:][thought], rtol=0, atol=2e-4)
-    target = batch.target_mask[:, -tail:]
-    torch.testing.assert_close(new[target].view(len(rollouts), -1), plain.target_logprobs, rtol=0, atol=2e-4)
+    with torch.no_grad():  # the update's forward: the same packs, without extras
+        for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=2):
+            new = packed_logprobs(model, pack, temperature=temperature, top_p=top_p).logp
+            for i, span in pack.thoughts.items():
+                torch.testing.assert_close(new[span], scored.thought_logprobs[i][scored.batch.thought_mask[i]],
+                                           rtol=0, atol=2e-4)
+            for i, span in pack.targets.items():
+                torch.testing.assert_close(new[span], plain.target_logprobs[i], rtol=0, atol=2e-4)

@@ -31,12 +31,12 @@ def test_kl_reference_runs_under_the_policy_autocast(tiny_model_dir):
     policy.train()
     advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group")
     engine = make_engine(policy, cfg, DistInfo(), 1, total_steps=1)
-    stats = update_policy(engine, ref=ref, batch=scored.batch, old_logp=scored.thought_logprobs, advantages=advantages,
-                          keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
+    stats = update_policy(engine, ref=ref, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                          advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
     assert stats["loss/kl"] == 0.0
 
 
-def update_once(policy, scored, rewards, rollouts, *overrides, behaviour=None):
+def update_once(policy, scored, rewards, rollouts, contexts, targets, *overrides):
     from rntp import grpo
     from rntp.config import load_config
     from rntp.distributed import DistInfo
@@ -47,8 +47,8 @@ def update_once(policy, scored, rewards, rollouts, *overrides, behaviour=None):
                              *overrides])
     advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group")
     engine = make_engine(policy.train(), cfg, DistInfo(), 1, total_steps=1)
-    return update_policy(engine, ref=None, batch=scored.batch, old_logp=scored.thought_logprobs, advantages=advantages,
-                         keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg, behaviour=behaviour)
+    return update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                         advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
 
 
 def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
@@ -61,9 +61,10 @@ def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
     tight = ["model.autocast_bf16=true", "grpo.clip_low=1e-5", "grpo.clip_high=1e-5"]
     scored = score_groups(policy.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=16, autocast=True)
-    assert update_once(policy, scored, rewards, rollouts, *tight)["loss/clip_frac"] == 0.0
+    assert update_once(policy, scored, rewards, rollouts, contexts, targets, *tight)["loss/clip_frac"] == 0.0
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    assert update_once(policy, scored, rewards, rollouts, *tight, "grpo.epochs=2")["loss/clip_frac"] > 0
+    assert update_once(policy, scored, rewards, rollouts, contexts, targets, *tight,
+                       "grpo.epochs=2")["loss/clip_frac"] > 0
 
 
 def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_dir, tokenizer):
@@ -94,8 +95,52 @@ def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_
     expected_weight = sum(min(math.exp(d), 1.1) for d in deltas) / len(deltas)
     expected_capped = sum(math.exp(d) > 1.1 for d in deltas) / len(deltas)
     rewards = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(0))
-    out = update_once(policy, believed, rewards, rollouts, "grpo.mismatch_correction=token_tis", "grpo.is_cap=1.1",
-                      behaviour=believed.behaviour_logprobs)
+    out = update_once(policy, believed, rewards, rollouts, contexts, targets, "grpo.mismatch_correction=token_tis",
+                      "grpo.is_cap=1.1")
     assert out["mismatch/is_weight_mean"] == pytest.approx(expected_weight, rel=1e-4)
     assert out["mismatch/corrected_frac"] == pytest.approx(expected_capped, abs=1e-9)
     assert 0 < expected_capped < 1
+
+
+@pytest.mark.parametrize("aggregation, micro_batch, checkpointing", [("seq_mean", 5, False), ("token_mean", 12, False),
+                                                                      ("seq_mean", 12, True)])
+def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_batch, checkpointing, tiny_model_dir):
+    """The whole update (clipped surrogate, IS weights, NLL term, micro-packs of whole groups: one
+    position each, or four, three of them of one chunk) with each context computed once equals the
+    update computing it once per thought (float64)."""
+    from rntp.scoring import score_groups
+    from rntp import grpo
+    from rntp.config import load_config
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
+    from rntp.train import update_policy
+    from tests.integration.test_packing import chunk_positions, load64
+
+    contexts, rollouts, targets = chunk_positions()
+    for i, r in enumerate(rollouts):  # a sampler's log-probs, slightly off the trainer's
+        r.behaviour_logprobs = [-3.0 - 0.1 * ((i + j) % 5) for j in range(r.n_sampled)]
+    rewards = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    advantages = grpo.group_advantages(rewards, torch.tensor([r.group for r in rollouts]), "group").float()
+
+    def gradients(shared):
+        cfg = load_config(None, [f"train.micro_batch={micro_batch}", "rollout.group_size=3",
+                                 "train.positions_per_step=4", f"train.shared_prefix={str(shared).lower()}",
+                                 "grpo.nll_coef=0.3",
+                                 f"grpo.loss_aggregation={aggregation}", "rollout.temperature=0.9"])
+        model = load64(tiny_model_dir)
+        if checkpointing:  # the shared context's activations are recomputed in backward too
+            model.gradient_checkpointing_enable()
+        scored = score_groups(model.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=micro_batch,
+                              temperature=0.9, shared=shared)
+        engine = make_engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
+        seen = {}
+        step = engine.step
+        engine.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}) or step()
+        update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                      advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
+        return seen
+
+    shared, unshared = gradients(True), gradients(False)
+    for name, g in unshared.items():
+        assert g.abs().max() > 0, name
+        assert ((shared[name] - g).abs().max() / g.abs().max()) < 1e-9, name
