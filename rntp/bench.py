@@ -111,7 +111,7 @@ def shared_prefix(cfg: Config, repeats: int) -> None:
     policy = load_policy(path, cfg)
     shapes = [("config", cfg.data.chunk_tokens, cfg.rollout.group_size, cfg.rollout.max_thought_tokens,
                cfg.train.positions_per_step, cfg.train.micro_batch),
-              ("long context", 640, 8, 32, 2, 16)]
+              ("long context", 640, 8, 32, 2, 8)]
     print("\n== update: shared prefix vs one context per thought (same batch, same weights) ==")
     for label, chunk, group, thought, positions, micro_batch in shapes:
         batch = synthetic_batch(policy.config.vocab_size, chunk, group, thought, cfg.data.horizon, positions)

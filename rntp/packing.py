@@ -193,7 +193,9 @@ class ChunkedLogProbs(torch.nn.Module):
         self.argmax = self.entropy = None
 
     def _logp(self, hidden: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-        logits = _at_least_fp32(self.head(hidden))
+        return self._from_logits(_at_least_fp32(self.head(hidden)), labels, sampled)
+
+    def _from_logits(self, logits: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
         plain = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
         if (self.temperature == 1.0 and self.top_p == 1.0) or not sampled.any():
             return plain
@@ -204,18 +206,17 @@ class ChunkedLogProbs(torch.nn.Module):
         out, argmax, entropy = [], [], []
         for s in range(0, hidden.shape[0], self.chunk):
             part = slice(s, s + self.chunk)
-            if torch.is_grad_enabled():
+            if torch.is_grad_enabled():  # recomputed in backward: one chunk's logits at a time
                 out.append(checkpoint(self._logp, hidden[part], self.labels[part], self.sampled[part],
                                       use_reentrant=False))
-            else:
-                out.append(self._logp(hidden[part], self.labels[part], self.sampled[part]))
+                continue
+            logits = _at_least_fp32(self.head(hidden[part]))  # scoring: one projection serves all reads
+            out.append(self._from_logits(logits, self.labels[part], self.sampled[part]))
             if self.extras:
-                with torch.no_grad():
-                    logits = _at_least_fp32(self.head(hidden[part]))
-                    argmax.append(logits.argmax(-1))
-                    tempered = torch.log_softmax(logits / self.temperature, -1)
-                    entropy.append(-(tempered.exp() * tempered).sum(-1))
-        if self.extras:
+                argmax.append(logits.argmax(-1))
+                tempered = torch.log_softmax(logits / self.temperature, -1)
+                entropy.append(-(tempered.exp() * tempered).sum(-1))
+        if self.extras and argmax:  # (scoring runs without grad)
             self.argmax, self.entropy = torch.cat(argmax), torch.cat(entropy)
         return torch.cat(out)
 
