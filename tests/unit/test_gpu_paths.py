@@ -38,18 +38,14 @@ def test_a_cuda_process_group_serves_cpu_tensors_too(world, monkeypatch):
     assert devices["cpu"] == "gloo"
 
 
-def test_every_tensor_the_helpers_reduce_meets_a_backend_for_its_device():
+def test_every_tensor_the_helpers_reduce_meets_a_backend_for_its_device(monkeypatch):
     """The helpers' own tensors live on the CPU; the GPU group's map must cover that device."""
     devices = backend_map(distributed.process_group_backend("cuda"))
     seen = []
-    real = torch.distributed.all_reduce
-    try:
-        torch.distributed.all_reduce = lambda t, *a, **k: seen.append(t.device.type)
-        distributed.dist.is_initialized = lambda: True
-        distributed.all_reduce_sum([1.0, 2.0])
-    finally:
-        torch.distributed.all_reduce = real
-        distributed.dist.is_initialized = torch.distributed.is_initialized
+    # monkeypatch restores both: `distributed.dist` is torch.distributed itself
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: seen.append(t.device.type))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    distributed.all_reduce_sum([1.0, 2.0])
     supports = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}}
     assert seen and all(device in supports[devices[device]] for device in seen)
 
