@@ -28,15 +28,6 @@ class SequenceBatch:
     thought_mask: torch.Tensor  # [B, L-1] policy-sampled thought tokens (these get policy gradient)
     target_mask: torch.Tensor  # [B, L-1] the H true-continuation tokens
 
-    def to(self, device) -> "SequenceBatch":
-        return SequenceBatch(*(t.to(device) for t in self.tensors()))
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return self.input_ids, self.attention_mask, self.thought_mask, self.target_mask
-
-    def rows(self, index) -> "SequenceBatch":
-        return SequenceBatch(*(t[index] for t in self.tensors()))
-
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
@@ -75,8 +66,6 @@ def token_logprobs(model, input_ids, attention_mask, *, tail: int | None = None,
     return (logp, logits) if with_logits else logp
 
 
-
-
 @dataclass
 class Scored:
     """Per-thought results of fused scoring (all on CPU, float32), aligned with `batch`."""
@@ -97,33 +86,20 @@ class Scored:
         return self.target_pred == self.target_ids
 
 
-def _context_forward(model, contexts, targets, pad_id: int, autocast: bool, keep_cache: bool):
-    """One left-padded forward over context + target: no-think target log-probs [B, H], greedy
-    hits [B, H], the KV cache (when asked) and the attention mask."""
-    from transformers import DynamicCache
-
-    horizon = len(targets[0])
-    device = next(model.parameters()).device
-    ids, attn = left_pad([c + t for c, t in zip(contexts, targets)], pad_id)
-    ids, attn = ids.to(device), attn.to(device)
-    cache = DynamicCache() if keep_cache else None
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
-                    past_key_values=cache, use_cache=keep_cache, logits_to_keep=horizon + 1)
-    logits = out.logits[:, :-1].float()
-    return selective_log_softmax(logits, ids[:, -horizon:]), logits.argmax(-1) == ids[:, -horizon:], cache, attn
-
-
 @torch.no_grad()
-def no_think_logprobs(model, contexts: list[list[int]], targets: list[list[int]], pad_id: int, micro_batch: int,
+def no_think_logprobs(model, contexts: list[list[int]], targets: list[list[int]], *, micro_batch: int,
                       autocast: bool = False) -> torch.Tensor:
-    """log p(target_h | context, target_<h) per position, [P, H] (for a baseline model)."""
-    rows = []
-    for s in range(0, len(contexts), micro_batch):
-        logp, _, _, _ = _context_forward(model, contexts[s : s + micro_batch], targets[s : s + micro_batch], pad_id,
-                                         autocast, keep_cache=False)
-        rows.append(logp.cpu())
-    return torch.cat(rows)
+    """log p(target_h | context, target_<h) per position, [P, H] (for a baseline model), read from
+    the same packs as scoring's own no-think scores (a chunk's positions share its trunk)."""
+    from rntp.packing import build_packs, packed_logprobs
+
+    out = torch.zeros(len(contexts), len(targets[0]))
+    for _, pack in build_packs(contexts, [], targets, positions_per_pack=micro_batch, no_think=True,
+                               positions=list(range(len(contexts)))):
+        logp = packed_logprobs(model, pack, autocast=autocast).logp.float().cpu()
+        for g, span in pack.no_think.items():
+            out[g] = logp[span]
+    return out
 
 
 @torch.no_grad()

@@ -414,7 +414,7 @@ def reward(run: Run, positions: list[Position], rollouts: list[Rollout],
     cfg = run.cfg
     if run.baseline_model is not None:
         baseline = no_think_logprobs(run.baseline_model, [p.context for p in positions], [p.target for p in positions],
-                                     run.pad_id, cfg.train.micro_batch, cfg.model.autocast_bf16)
+                                     micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
     else:
         baseline = scored.no_think_logprobs
     group = torch.tensor([r.group for r in rollouts])

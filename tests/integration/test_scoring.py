@@ -117,3 +117,18 @@ def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, m
                                            rtol=0, atol=2e-4)
             for i, span in pack.targets.items():
                 torch.testing.assert_close(new[span], plain.target_logprobs[i], rtol=0, atol=2e-4)
+
+
+def test_a_baseline_model_no_think_scores_equal_scorings(model):
+    """`no_think_logprobs` (initial model, EMA teacher) and `score_groups` read the same packs."""
+    from rntp.scoring import no_think_logprobs
+
+    contexts, rollouts, targets = make_groups()
+    scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=4)
+    for micro_batch in (1, 3):
+        torch.testing.assert_close(no_think_logprobs(model, contexts, targets, micro_batch=micro_batch),
+                                   scored.no_think_logprobs, rtol=0, atol=1e-5)
+    for g, (c, t) in enumerate(zip(contexts, targets)):
+        torch.testing.assert_close(scored.no_think_logprobs[g].double(),
+                                   torch.tensor(reference_logprobs(model, c + t)[len(c) - 1:], dtype=torch.float64),
+                                   rtol=0, atol=1e-4)
