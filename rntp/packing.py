@@ -142,14 +142,18 @@ def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: lis
     packs = []
     for s in range(0, len(order), positions_per_pack):
         chosen, pack = order[s : s + positions_per_pack], Pack()
-        # segments: runs of positions whose sequences nest (one chunk); the trunk is the longest
+        # runs of positions whose sequences are all prefixes of the run's longest (one chunk's
+        # positions, or documents that open alike); the trunk is that longest
         runs: list[list[int]] = []
+        longest_seq: list[int] = []
         for g in chosen:
             seq = contexts[g] + targets[g]
-            if shared and runs and _nested(seq, contexts[runs[-1][0]] + targets[runs[-1][0]]):
+            if shared and runs and _nested(seq, longest_seq):
                 runs[-1].append(g)
+                longest_seq = max(longest_seq, seq, key=len)
             else:
                 runs.append([g])
+                longest_seq = seq
         for run in runs:
             longest = max(run, key=lambda g: len(contexts[g]))
             trunk = contexts[longest] + (targets[longest] if no_think else [])

@@ -150,3 +150,28 @@ def test_shared_gradients_equal_unshared_and_independent(per_pack, tiny_model_di
         scale = g.abs().max().clamp(min=1e-30)
         assert ((shared[name] - g).abs().max() / scale) < 1e-9, name
         assert ((unshared[name] - g).abs().max() / scale) < 1e-9, name
+
+
+def test_positions_that_extend_a_shared_prefix_differently_get_their_own_trunks(model64):
+    """b is a prefix of both a and c, which then differ (documents that open alike): a and c must not
+    share one trunk, whatever order they come in."""
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda n: torch.randint(100, 40000, (n,), generator=gen).tolist()  # noqa: E731
+    common = rand(10)
+    a_doc, c_doc = common + rand(20), common + rand(20)
+    places = [(common + rand(6), 6), (a_doc, 16), (c_doc, 18)]  # b's context + target lie inside `common`
+    contexts = [doc[:p] for doc, p in places]
+    targets = [doc[p : p + 4] for doc, p in places]
+    rollouts = [Rollout(g, contexts[g] + OPEN, rand(3), n_sampled=3, closed=True) for g in range(3)]
+    with torch.no_grad():
+        for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=3, no_think=True):
+            out = packed_logprobs(model64, pack)
+            for i, span in pack.thoughts.items():
+                r = rollouts[i]
+                seq = r.prompt_ids + r.thought_ids + targets[r.group]
+                torch.testing.assert_close(out.logp[span], reference(model64, seq, len(r.prompt_ids), 3),
+                                           rtol=0, atol=1e-10)
+            for g, span in pack.no_think.items():
+                torch.testing.assert_close(out.logp[span], reference(model64, contexts[g] + targets[g],
+                                                                     len(contexts[g]), 4), rtol=0, atol=1e-10)
+    assert len(pack.rows) == 2  # b shares with a; c has its own trunk
