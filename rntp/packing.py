@@ -176,6 +176,23 @@ def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: lis
     return packs
 
 
+def positions_per_pack(group_size: int, micro_batch: int) -> int:
+    """Whole groups per pack: as many positions as `micro_batch` thoughts hold (at least one)."""
+    return max(1, micro_batch // max(group_size, 1))
+
+
+def packs_per_step(positions: int, group_size: int, micro_batch: int) -> int:
+    """How many packs (micro-passes) `positions` positions of `group_size` thoughts make."""
+    return -(-positions // positions_per_pack(group_size, micro_batch))
+
+
+def largest_group(rollouts: list[Rollout]) -> int:
+    counts: dict[int, int] = {}
+    for r in rollouts:
+        counts[r.group] = counts.get(r.group, 0) + 1
+    return max(counts.values(), default=1)
+
+
 def _nested(a: list[int], b: list[int]) -> bool:
     n = min(len(a), len(b))
     return a[:n] == b[:n]

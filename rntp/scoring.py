@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from rntp.packing import LOGP_FLOOR, sampling_logprobs  # noqa: F401 (re-exported for scoring's readers)
+from rntp.packing import build_packs, largest_group, packed_logprobs, positions_per_pack
 from rollout.spans import Rollout, left_pad
 
 
@@ -91,8 +91,6 @@ def no_think_logprobs(model, contexts: list[list[int]], targets: list[list[int]]
                       autocast: bool = False) -> torch.Tensor:
     """log p(target_h | context, target_<h) per position, [P, H] (for a baseline model), read from
     the same packs as scoring's own no-think scores (a chunk's positions share its trunk)."""
-    from rntp.packing import build_packs, packed_logprobs
-
     out = torch.zeros(len(contexts), len(targets[0]))
     for _, pack in build_packs(contexts, [], targets, positions_per_pack=micro_batch, no_think=True,
                                positions=list(range(len(contexts)))):
@@ -122,8 +120,6 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     `rollouts[i].group` indexes `contexts` and `targets`. Thought log-probs (and their entropy) are
     those of the sampling distribution (`temperature`, `top_p`); target log-probs are the model's.
     """
-    from rntp.packing import build_packs, packed_logprobs
-
     horizon = len(targets[0])
     if any(len(t) != horizon for t in targets):
         raise ValueError("all targets in a batch must have the same horizon")
@@ -133,7 +129,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     target_lp, pred = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.long)
     entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
     no_think_greedy = torch.zeros(len(contexts), horizon, dtype=torch.bool)
-    per_pack = positions_per_pack(rollouts, micro_batch)
+    per_pack = positions_per_pack(largest_group(rollouts), micro_batch)
     for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=shared, no_think=True):
         out = packed_logprobs(model, pack, temperature=temperature, top_p=top_p, autocast=autocast, extras=True)
         logp, argmax, ent = out.logp.float().cpu(), out.argmax.cpu(), out.entropy.cpu()
@@ -152,12 +148,6 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
         for i, r in enumerate(rollouts):
             behaviour[i, batch.thought_mask[i]] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
     return Scored(thought_lp, target_ids, target_lp, pred, entropy, batch, no_think, no_think_greedy, behaviour)
-
-
-def positions_per_pack(rollouts: list[Rollout], micro_batch: int) -> int:
-    """Whole groups per pack: as many positions as `micro_batch` thoughts hold (at least one)."""
-    largest = max((sum(1 for r in rollouts if r.group == g) for g in {r.group for r in rollouts}), default=1)
-    return max(1, micro_batch // max(largest, 1))
 
 
 @torch.no_grad()

@@ -36,10 +36,10 @@ from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_tokenizer, load_trainable
-from rntp.packing import build_packs, packed_logprobs
+from rntp.packing import build_packs, largest_group, packed_logprobs, packs_per_step, positions_per_pack
 from rntp.prepare import resolve_model_path
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
-from rntp.scoring import (Scored, no_think_logprobs, position_entropies, positions_per_pack, score_groups,
+from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
 from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
@@ -76,7 +76,7 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     old_logp = compact(scored.thought_logprobs, scored.batch.thought_mask, width)
     behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
         if scored.behaviour_logprobs is not None else None
-    per_pack = positions_per_pack(rollouts, cfg.train.micro_batch)
+    per_pack = positions_per_pack(largest_group(rollouts), cfg.train.micro_batch)
     kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
     packs = build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=cfg.train.shared_prefix,
                         positions=kept_positions)
@@ -322,7 +322,8 @@ def start_run(cfg: Config) -> Run:
     problems = [p for p in all_gather_object(stream.problem()) if p]
     if problems:  # every rank stops, not only the one without data
         raise ValueError(problems[0])
-    passes = -(-positions_per_rank * cfg.rollout.group_size // cfg.train.micro_batch)  # micro-batches per step
+    # micro-passes per step: packs of whole groups (the update's own rule, so that no pack is left out)
+    passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
     policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
     policy.train()
     initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None

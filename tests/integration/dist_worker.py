@@ -32,12 +32,13 @@ def step(args):
     from rntp.distributed import init_distributed, shutdown_distributed
     from rntp.engines import make_engine
     from rntp.models import load_trainable
+    from rntp.packing import packs_per_step
     from rntp.train import update_policy
     from rollout import Rollout
 
     info = init_distributed()
     cfg = worker_config(args)
-    passes = -(-(16 // info.world_size) // 3)  # this rank's 16 or 8 thoughts in micro-batches of 3
+    passes = packs_per_step(4 // info.world_size, 4, 3)  # this rank's 4 or 2 groups of 4, micro-batches of 3
     policy = load_trainable(args.model, cfg, info, passes)  # sharded as it loads (FSDP2, ZeRO-3)
     engine = make_engine(policy, cfg, info, passes, total_steps=1)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)

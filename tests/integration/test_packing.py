@@ -175,3 +175,20 @@ def test_positions_that_extend_a_shared_prefix_differently_get_their_own_trunks(
                 torch.testing.assert_close(out.logp[span], reference(model64, contexts[g] + targets[g],
                                                                      len(contexts[g]), 4), rtol=0, atol=1e-10)
     assert len(pack.rows) == 2  # b shares with a; c has its own trunk
+
+
+def test_the_loops_pass_count_covers_every_pack():
+    """Engines that fix the micro-passes per step (several ranks, DeepSpeed) run `packs_per_step`
+    passes; a pack beyond them would be left out of the update. (The count once assumed thoughts fill
+    micro-batches exactly: with G=4 and micro-batch 6, 3 positions made 3 packs but 2 passes.)"""
+    from rntp.packing import largest_group, packs_per_step, positions_per_pack
+
+    for positions in range(1, 7):
+        for group in range(1, 6):
+            for micro_batch in range(1, 13):
+                contexts = [[100 + g] * 5 for g in range(positions)]  # no shared prefixes
+                rollouts = [Rollout(g, contexts[g] + OPEN, [7], 1, True)
+                            for g in range(positions) for _ in range(group)]
+                packs = build_packs(contexts, rollouts, [[5, 6]] * positions,
+                                    positions_per_pack=positions_per_pack(largest_group(rollouts), micro_batch))
+                assert len(packs) == packs_per_step(positions, group, micro_batch)
