@@ -105,9 +105,9 @@ def shared_prefix(cfg: Config, repeats: int) -> None:
     thought, alternated on the same weights: time, tokens/s and peak memory, at the config's shapes
     and at a long-context shape (context 512, G=8, T=32)."""
     from rntp.models import load_policy
-    from rntp.prepare import resolve_model_path
+    from rntp.think_tokens import base_model_path
 
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_model_path(cfg)
     policy = load_policy(path, cfg)
     shapes = [("config", cfg.data.chunk_tokens, cfg.rollout.group_size, cfg.rollout.max_thought_tokens,
                cfg.train.positions_per_step, cfg.train.micro_batch),
@@ -229,14 +229,14 @@ def sampler_ratio(cfg: Config, repeats: int) -> None:
     from transformers import AutoTokenizer
 
     from rntp.data import PositionStream
-    from rntp.prepare import resolve_model_path
+    from rntp.think_tokens import base_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
     from rollout.vllm_utils import vllm_available
 
     if cfg.rollout.sampler == "hf" or not vllm_available():
         print("sampler ratio: skipped (vLLM not in use)")
         return
-    path = resolve_model_path(cfg.model.name_or_path)
+    path = base_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
@@ -278,7 +278,7 @@ def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) ->
 
     from rntp.config import load_config
     from rntp.data import PositionStream
-    from rntp.prepare import resolve_model_path
+    from rntp.think_tokens import base_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
     from rollout.base import WeightStream
     from rollout.net import free_port
@@ -293,7 +293,7 @@ def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) ->
         t0 = time.perf_counter()
         server_cfg = load_config(None, ["rollout.sampler=server", f"rollout.server.urls=[{url}]",
                                         "rollout.server.weight_transfer=gloo"]).rollout.server
-        path = resolve_model_path(cfg.model.name_or_path)
+        path = base_model_path(cfg)
         tokenizer = AutoTokenizer.from_pretrained(path)
         tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
         remote = make_sampler("server", path, tags, server_cfg=server_cfg)  # waits for the server

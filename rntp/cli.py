@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             from transformers import AutoTokenizer
 
             from rntp.config import load_config, max_sequence_len
-            from rntp.prepare import resolve_model_path
+            from rntp.think_tokens import base_model_path
             from rollout import ThinkTags
             from rollout.server import serve_command
 
             cfg = load_config(args.config, args.overrides)
-            path = resolve_model_path(cfg.model.name_or_path)
+            path = base_model_path(cfg)  # the model the trainer starts from, tags as tokens included
             tags = ThinkTags(AutoTokenizer.from_pretrained(path), cfg.rollout.open_tag, cfg.rollout.close_tag)
             command, env = serve_command(path, cfg, host=args.host, port=args.port,
                                          max_model_len=max_sequence_len(cfg, tags), vllm_args=passthrough)

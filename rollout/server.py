@@ -201,7 +201,8 @@ class ServerSampler:
 
     # -- sampling ------------------------------------------------------------------------------------
     def sample(self, prompts: list[list[int]], spec: SamplingSpec) -> list[Rollout]:
-        payloads = [dict(prompt=p, **thought_request(spec, i, self.tags.close_tag)) for i, p in enumerate(prompts)]
+        payloads = [dict(prompt=p, **thought_request(spec, i, self.tags.close_tag, self.tags.close_ids))
+                    for i, p in enumerate(prompts)]
         rollouts = []
         for group, answer in enumerate(self._complete(payloads)):
             for choice in sorted(answer["choices"], key=lambda c: c["index"]):

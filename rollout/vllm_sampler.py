@@ -112,7 +112,7 @@ class VLLMSampler:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = [SamplingParams(**thought_request(spec, i, self.tags.close_tag), detokenize=True)
+        params = [SamplingParams(**thought_request(spec, i, self.tags.close_tag, self.tags.close_ids), detokenize=True)
                   for i in range(len(prompts))]
         return [TokensPrompt(prompt_token_ids=p) for p in prompts], params
 

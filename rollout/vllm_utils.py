@@ -27,7 +27,7 @@ def cpu_kv_cache_space(vllm_cfg: VllmConfig) -> str:
     return str(max(1, round(vllm_cfg.kv_cache_gb)))
 
 
-def thought_request(spec: SamplingSpec, index: int, close_tag: str) -> dict:
+def thought_request(spec: SamplingSpec, index: int, close_tag: str, close_ids: list[int] | None = None) -> dict:
     """vLLM's sampling fields for the `index`-th prompt of a call, the same in-process and over HTTP.
 
     Seeds: vLLM seeds each sample's generator, and gives sample j of an n-sample request the seed
@@ -36,10 +36,12 @@ def thought_request(spec: SamplingSpec, index: int, close_tag: str) -> dict:
     Sampling: only temperature and top_p shape it. The other fields are sent with vLLM's neutral
     values, since a server fills each field a request leaves unset from the model's
     generation_config.json (top_k, min_p, penalties), which would sample off-policy.
-    A thought ends at the close tag or the budget, never at EOS. `logprobs=0`: the log-prob of each
-    sampled token comes back with it (the engines run in vLLM's processed_logprobs mode, so these are
-    the behaviour log-probs, after temperature and top-p)."""
+    A thought ends at the close tag or the budget, never at EOS; a close tag that is one token (an added
+    special token, which vLLM leaves out of the text it matches stop strings against) stops by its id.
+    `logprobs=0`: the log-prob of each sampled token comes back with it (the engines run in vLLM's
+    processed_logprobs mode, so these are the behaviour log-probs, after temperature and top-p)."""
     return dict(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, logprobs=0,
                 top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
                 seed=(spec.seed * 1_000_003 + index) * spec.n, stop=[close_tag], include_stop_str_in_output=True,
-                ignore_eos=True)
+                ignore_eos=True,
+                **({"stop_token_ids": list(close_ids)} if close_ids and len(close_ids) == 1 else {}))

@@ -82,7 +82,9 @@ def tiny_config(tiny_model_dir, corpus_file, tmp_path):
         return load_config(None, [
             f"run_dir={tmp_path / 'run'}", f"model.name_or_path={tiny_model_dir}", f"data.source={corpus_file}",
             "data.chunk_tokens=64", "data.min_context=16", "data.horizon=4", "rollout.sampler=hf",
-            "rollout.group_size=4", "rollout.max_thought_tokens=6", "train.positions_per_step=2",
+            # tags as text: the tiny model is used as saved (tests/integration/test_think_tokens.py covers `add`)
+            "rollout.tag_tokens=text", "rollout.group_size=4", "rollout.max_thought_tokens=6",
+            "train.positions_per_step=2",
             "train.micro_batch=8", "train.steps=2", "log.wandb_mode=disabled", "log.progress=false",
             "log.plot=false", *overrides])
 

@@ -56,3 +56,12 @@ def test_every_field_the_server_would_default_is_sent_as_vllm_s_own_default():
         assert name in request, name
         assert request[name] == getattr(neutral, name), name
     SamplingParams(**request)  # the in-process engine accepts the same fields
+
+
+def test_a_close_tag_that_is_one_token_stops_by_its_id():
+    """vLLM matches stop strings against text that leaves special tokens out, so an added `</think>`
+    token would never stop a thought by its text: its id must be a stop id. Tags as text keep the string."""
+    added = thought_request(SamplingSpec(n=2, max_tokens=8), 0, "</think>", [49153])
+    assert added["stop_token_ids"] == [49153] and added["stop"] == ["</think>"]
+    pieces = thought_request(SamplingSpec(n=2, max_tokens=8), 0, "</think>", [9617, 17400, 46])
+    assert "stop_token_ids" not in pieces and pieces["stop"] == ["</think>"]
