@@ -16,7 +16,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo test test-unit lint bench gpu-check prepare clean
+.PHONY: install demo learn test test-unit lint bench gpu-check prepare clean
 
 install: $(STAMP)
 
@@ -36,6 +36,11 @@ prepare: install
 
 demo: prepare
 	$(BIN)/rntp train --config configs/demo.yaml overwrite=true   # each demo starts runs/demo afresh
+
+# The learning recipe at length (about 30 minutes on 2 cores): the held-out curve in runs/learn/heldout.md
+# and training.png.
+learn: prepare
+	$(BIN)/rntp train --config configs/learn.yaml overwrite=true
 
 test: lint prepare
 	$(BIN)/python -m pytest tests -m "not gpu"

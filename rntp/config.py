@@ -145,6 +145,11 @@ class RolloutConfig(Section):
     """Text that opens a thought."""
     close_tag: str = "</think>"
     """Text that closes a thought; sampling stops at it."""
+    tag_tokens: Literal["add", "text"] = "add"
+    """`add`: where the model's tokenizer splits a tag into pieces, train a copy of the model with both tags
+    as added special tokens (`<think>` starts as the mean of its pieces, `</think>` as the full stop, so a
+    thought can end in one draw; `rntp/think_tokens.py`); models that have them already (Qwen3, R1) are used
+    as they are. `text`: the tags stay plain text (a small model then rarely closes a thought)."""
     check_sync_every: int = Field(0, ge=0)
     """After a weight push every N steps, compare the sampler's log-probs of one rollout with the trainer's
     (metric `sync/max_logprob_diff`); 0 = off. vLLM only."""
@@ -201,7 +206,12 @@ class GRPOConfig(Section):
     """`seq_mean`: GRPO (mean per thought, then over thoughts); `token_mean`: DAPO (over all thought tokens);
     `token_sum`: Dr. GRPO (sum over tokens / (thoughts x max_thought_tokens))."""
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = off")
-    nll_coef: float = Field(0.0, ge=0, description="weight of next-token loss on the target")
+    nll_coef: float = Field(0.0, ge=0)
+    """Weight of the next-token loss on the true continuation after each thought (Quiet-STaR trains it too):
+    teaches the model to read on after `</think>`."""
+    no_think_nll_coef: float = Field(0.0, ge=0)
+    """Weight of the plain next-token loss on the same continuations without a thought, which keeps the
+    language model where RL and `nll_coef` would move it (InstructGPT's PPO-ptx mixes pre-training in alike)."""
     epochs: int = Field(1, ge=1, description="optimizer passes over each batch of rollouts")
     min_group_std: float = Field(0.0, ge=0)
     """Dynamic sampling on spread, not mean (rewards are continuous): drop groups whose reward std is at most

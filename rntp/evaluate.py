@@ -24,7 +24,7 @@ from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
 from rollout import SamplingSpec, ThinkTags
-from rollout.spans import pad_id_of
+from rollout.spans import Rollout, pad_id_of
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ SCHEMA = {
         "bpb_think_mean": "nll_think_mean in bits per byte",
         "info_gain": "nll_no_think - nll_think_mean (nats/token; > 0 means thinking helps)",
         "info_gain_marginal": "nll_no_think - nll_think_marginal",
+        "nll_empty_thought": "target NLL after an empty thought (the tags alone), nats/token",
+        "info_gain_empty": "nll_no_think - nll_empty_thought: what the tags alone cost (< 0) or give",
+        "info_gain_content": "info_gain - info_gain_empty: what the thoughts' words add over an empty thought",
         "info_gain/<bucket>": "info_gain over positions whose base-model next-token entropy is easy/medium/hard",
         "positions/<bucket>": "number of positions in the bucket",
         "acc_no_think": "teacher-forced greedy top-1 accuracy on the target tokens, no thought",
@@ -93,7 +96,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     budget = e.max_thought_tokens or cfg.rollout.max_thought_tokens
     was_training = model.training
     model.eval()
-    think, plain, hits_think, hits_plain, lengths, closed, samples = [], [], [], [], [], [], []
+    think, plain, empty, hits_think, hits_plain, lengths, closed, samples = [], [], [], [], [], [], [], []
     batches = range(0, len(evalset.positions), e.batch_positions)
     for b in tqdm(batches, desc="eval", disable=not progress, leave=False):
         chunk = evalset.positions[b : b + e.batch_positions]
@@ -102,6 +105,12 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         scored = score_groups(model, [p.context for p in chunk], rollouts, [p.target for p in chunk],
                               pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
         think.append(scored.target_logprobs.sum(-1).view(len(chunk), e.thoughts).double())
+        # the same positions after an empty thought: what the tags alone do to the prediction
+        blank = [Rollout(i, tags.prompt(p.context), list(tags.close_ids), n_sampled=0, closed=True)
+                 for i, p in enumerate(chunk)]
+        empty.append(score_groups(model, [p.context for p in chunk], blank, [p.target for p in chunk], pad_id=pad_id,
+                                  micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
+                     .target_logprobs.sum(-1).double())
         plain.append(scored.no_think_logprobs.sum(-1).double())
         hits_think.append(scored.target_greedy.float().mean(-1).view(len(chunk), e.thoughts))
         hits_plain.append(scored.no_think_greedy.float().mean(-1))
@@ -114,7 +123,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
                                 "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(p.target),
                                 "score": s, "no_think_score": float(scored.no_think_logprobs[r.group].sum())})
     model.train(was_training)
-    think, plain = torch.cat(think), torch.cat(plain)  # [P, k] and [P] summed log-probs
+    think, plain, empty = torch.cat(think), torch.cat(plain), torch.cat(empty)  # [P, k], [P], [P] summed log-probs
     marginal = torch.logsumexp(think, -1) - math.log(e.thoughts)
     n_tokens = H * len(plain)
     ln2_bytes = math.log(2) * float(evalset.target_bytes.sum())
@@ -124,6 +133,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         "nll_think_mean": float(-think.mean(-1).sum() / n_tokens),
         "nll_think_marginal": float(-marginal.sum() / n_tokens),
         "nll_think_best": float(-think.max(-1).values.sum() / n_tokens),
+        "nll_empty_thought": float(-empty.sum() / n_tokens),
         "bpb_think_mean": float(-think.mean(-1).sum() / ln2_bytes),
         "acc_no_think": float(torch.cat(hits_plain).mean()),
         "acc_think": float(torch.cat(hits_think).mean()),
@@ -132,6 +142,8 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     }
     m["info_gain"] = m["nll_no_think"] - m["nll_think_mean"]
     m["info_gain_marginal"] = m["nll_no_think"] - m["nll_think_marginal"]
+    m["info_gain_empty"] = m["nll_no_think"] - m["nll_empty_thought"]
+    m["info_gain_content"] = m["info_gain"] - m["info_gain_empty"]
     gain = (think.mean(-1) - plain) / H  # per position, nats/token
     d = evalset.difficulty
     buckets = {"easy": d < e.easy_below, "hard": d > e.hard_above}
@@ -150,6 +162,7 @@ def discover(paths: list[str]) -> list[dict]:
 
     from rntp.checkpoint import checkpoint_problem
     from rntp.prepare import resolve_model_path
+    from rntp.think_tokens import base_model_path
 
     found = []
     for path in paths:
@@ -158,8 +171,9 @@ def discover(paths: list[str]) -> list[dict]:
         if ckpts:
             config = run / "config.yaml"
             if config.exists():
-                base = yaml.safe_load(config.read_text())["model"]["name_or_path"]
-                found.append({"label": f"base ({base})", "step": 0, "path": resolve_model_path(base)})
+                run_cfg = Config.model_validate(yaml.safe_load(config.read_text()))  # the run's own tags
+                found.append({"label": f"base ({run_cfg.model.name_or_path})", "step": 0,
+                              "path": base_model_path(run_cfg)})
             for c in ckpts:
                 if problem := checkpoint_problem(c):  # a damaged checkpoint is named and left out
                     log.warning("skipping damaged checkpoint %s: %s", c, problem)
@@ -207,6 +221,7 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
 
 
 TABLE_KEYS = ["nll_no_think", "nll_think_mean", "nll_think_marginal", "nll_think_best", "info_gain",
+              "info_gain_empty", "info_gain_content",
               "info_gain/easy", "info_gain/medium", "info_gain/hard", "bpb_no_think", "acc_no_think", "acc_think",
               "thought_len_mean", "truncated_frac"]
 
@@ -264,3 +279,49 @@ def plot_against_step(rows: list[dict], out_dir: Path) -> Path | None:
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+# ---- during training: the held-out curve and the before/after table --------------------------------
+
+REPORT_KEYS = [
+    ("info_gain", "information gain, nats/token (> 0: thinking helps)"),
+    ("info_gain_empty", "... of an empty thought (the tags alone)"),
+    ("info_gain_content", "... that the thoughts' words add over an empty one"),
+    ("nll_no_think", "no-think NLL, nats/token"),
+    ("nll_think_mean", "NLL after a thought, nats/token"),
+    ("acc_no_think", "top-1 accuracy, no thought"),
+    ("acc_think", "top-1 accuracy after a thought"),
+    ("thought_len_mean", "thought length, tokens"),
+    ("truncated_frac", "thoughts that hit the budget"),
+]
+
+
+def held_out_report(rows: list[dict], samples: list[dict] | None = None) -> str | None:
+    """Markdown from a run's metrics rows: the first held-out evaluation (step 0 = the base model)
+    against the last, then every evaluation (the curve) and a few of the last evaluation's thoughts;
+    None if the run evaluated nothing."""
+    evals = [r for r in rows if r.get("eval/info_gain") is not None]
+    if not evals:
+        return None
+    first, last = evals[0], evals[-1]
+    n = int(sum(first.get(f"eval/positions/{b}") or 0 for b in ("easy", "medium", "hard")))
+    fmt = lambda v, sign="": "" if v is None else f"{v:{sign}.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    name = lambda r: "base model (step 0)" if r["step"] == 0 else f"step {r['step']}"  # noqa: E731
+    lines = [f"Held-out text, the same {n} positions for every model:", "",
+             f"| | {name(first)} | {name(last)} | change |", "|---|---:|---:|---:|"]
+    for key, label in REPORT_KEYS:
+        a, b = first.get(f"eval/{key}"), last.get(f"eval/{key}")
+        numbers = isinstance(a, (int, float)) and isinstance(b, (int, float))
+        change = fmt(float(b - a), "+") if numbers else ""
+        if numbers and key == "nll_no_think" and a:
+            change += f" ({(b - a) / a:+.1%})"  # the language model without thinking should not get worse
+        lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {change} |")
+    keys = [k for k, _ in REPORT_KEYS]
+    lines += ["", "## Every evaluation", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {r['step']} | " + " | ".join(fmt(r.get(f"eval/{k}")) for k in keys) + " |" for r in evals]
+    if samples:
+        lines += ["", f"## Thoughts at step {last['step']}", ""]
+        for s in samples:
+            lines += [f"- …{s['context_tail'][-80:]!r} **{s['thought']!r}** {s['target']!r} "
+                      f"(target log-prob {s['score']:.2f}, without the thought {s['no_think_score']:.2f})"]
+    return "\n".join(lines) + "\n"

@@ -112,23 +112,44 @@ class MetricsLogger:
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=step)
 
-    def plot(self, keys: tuple[str, ...] = ("reward/mean", "info_gain", "thought/len_mean")) -> Path | None:
+    def plot(self, smoothing: float = 0.9) -> Path | None:
+        """training.png: information gain (per step, smoothed, and on held-out text wherever the run
+        evaluated), thought length and closed thoughts, against step. The raw reward is left out:
+        positions change every step, so it jumps by more than anything a run learns."""
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        rows = [r for r in self.rows if any(r.get(k) is not None for k in keys)]
-        if not rows:
+        def series(key: str) -> list[tuple[int, float]]:
+            return [(r["step"], r[key]) for r in self.rows if r.get(key) is not None]
+
+        def smoothed(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+            out, avg = [], None
+            for step, value in points:  # an exponential moving average, started at the first value
+                avg = value if avg is None else smoothing * avg + (1 - smoothing) * value
+                out.append((step, avg))
+            return out
+
+        def closed(key: str) -> list[tuple[int, float]]:
+            return [(step, 1 - value) for step, value in series(key)]
+
+        panels = [("information gain, nats/token", series("info_gain"), series("eval/info_gain")),
+                  ("thought length, tokens", series("thought/len_mean"), series("eval/thought_len_mean")),
+                  ("closed thoughts", closed("thought/truncated_frac"), closed("eval/truncated_frac"))]
+        if not series("info_gain") and not series("eval/info_gain"):
             return None
-        fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
-        for ax, key in zip(axes, keys):
-            pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), marker=".")
-            ax.set_title(key)
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+        for ax, (title, per_step, held_out) in zip(axes, panels):
+            if per_step:
+                ax.plot(*zip(*per_step), color="0.8", lw=0.8, label="per step")
+                ax.plot(*zip(*smoothed(per_step)), color="C0", label=f"per step, smoothed ({smoothing} EMA)")
+            if held_out:
+                ax.plot(*zip(*held_out), "o-", color="C3", label="held-out")
+            ax.set_title(title)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         out = self.run_dir / "training.png"
         fig.savefig(out, dpi=100)

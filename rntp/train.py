@@ -33,11 +33,12 @@ from rntp.data import Position, PositionStream
 from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
                               shutdown_distributed)
 from rntp.engines import Engine, engine_class, make_engine
-from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy
+from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_tokenizer, load_trainable
 from rntp.packing import build_packs, largest_group, packed_logprobs, packs_per_step, positions_per_pack
 from rntp.prepare import resolve_model_path
+from rntp.think_tokens import base_model_path
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
@@ -68,8 +69,10 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     device, world = engine.info.device, engine.info.world_size
     horizon = len(targets[0])
     n_sampled = torch.tensor([r.n_sampled for r in rollouts])
-    seqs, tokens, target_tokens = all_reduce_sum([float(keep.sum()), float(n_sampled[keep].sum()),
-                                                  float(keep.sum()) * horizon])
+    kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
+    seqs, tokens, target_tokens, plain_tokens = all_reduce_sum([float(keep.sum()), float(n_sampled[keep].sum()),
+                                                                float(keep.sum()) * horizon,
+                                                                float(len(kept_positions)) * horizon])
     norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
     # scoring's per-thought values, compacted to [thought, token] (first n_sampled columns)
     width = max(1, int(n_sampled.max()))
@@ -77,13 +80,12 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
         if scored.behaviour_logprobs is not None else None
     per_pack = positions_per_pack(largest_group(rollouts), cfg.train.micro_batch)
-    kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
     packs = build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=cfg.train.shared_prefix,
-                        positions=kept_positions)
+                        positions=kept_positions, no_think=g.no_think_nll_coef > 0)
     passes = engine.fixed_passes or len(packs)
     stand_in = build_packs(contexts, rollouts, targets, positions_per_pack=1, positions=[0])[0]
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16)
-    stats = torch.zeros(6, dtype=torch.float64)  # policy loss, nll, kl, clipped, IS weight sum, corrected
+    stats = torch.zeros(7, dtype=torch.float64)  # policy loss, nll, kl, no-think nll, clipped, IS weights, corrected
     packed_tokens, grad_norm = 0, float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
@@ -102,8 +104,8 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
                 weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
                                                             g.mismatch_correction, g.is_cap, g.is_band)
                 tok_loss = tok_loss * weight
-                stats[4] += float(weight.sum())
-                stats[5] += float(corrected.sum())
+                stats[5] += float(weight.sum())
+                stats[6] += float(corrected.sum())
             loss = grpo.aggregate(tok_loss, mask, norm)
             stats[0] += loss.item()
             if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
@@ -117,11 +119,16 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
                 nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
                 loss = loss + g.nll_coef * nll
                 stats[1] += nll.item()
+            if g.no_think_nll_coef > 0:  # the same continuations without a thought, read on the trunk
+                plain_logp, _ = per_row(out.logp, [pack.no_think[p] for p in sorted(pack.no_think)], horizon)
+                plain_nll = -plain_logp.sum() * float(m < len(packs)) / max(plain_tokens, 1)
+                loss = loss + g.no_think_nll_coef * plain_nll
+                stats[3] += plain_nll.item()
             engine.backward(loss * world)
-            stats[3] += float((clipped & thought_mask).sum())
+            stats[4] += float((clipped & thought_mask).sum())
         grad_norm = engine.step()
-    policy_loss, nll, kl, clipped, weights, corrected = all_reduce_sum(
-        (stats / torch.tensor([g.epochs] * 3 + [1.0] * 3)).tolist())
+    policy_loss, nll, kl, plain_nll, clipped, weights, corrected = all_reduce_sum(
+        (stats / torch.tensor([g.epochs] * 4 + [1.0] * 3)).tolist())
     passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
     out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
            "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens}
@@ -129,6 +136,8 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
         out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
         out["loss/kl"] = kl
+    if g.no_think_nll_coef > 0:
+        out["loss/no_think_nll"] = plain_nll
     return out
 
 
@@ -227,6 +236,7 @@ class Run:
     samples_file: IO | None = None  # rank 0
     dropped_nonfinite: int = 0  # groups dropped so far (cumulative metrics)
     dropped_low_spread: int = 0
+    eval_samples: list[dict] | None = None  # thoughts from the latest held-out evaluation
 
 
 def train(cfg: Config) -> Path | None:
@@ -240,6 +250,12 @@ def train(cfg: Config) -> Path | None:
         shutdown_distributed()
         return run.resume_dir
     open_logs(run)
+    if run.evalset is not None and run.start_step == 0:  # step 0: the base model, on the same held-out positions
+        row = MetricsRow()
+        held_out(run, row)
+        reduced = reduce_rows(all_gather_object(row))
+        if run.info.is_main:
+            run.metrics.log(0, reduced)
     bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
                disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True)
     for step in bar:
@@ -257,11 +273,8 @@ def train(cfg: Config) -> Path | None:
             sync_diff = sync(run, step, positions, rollouts)                     # sync
         row = metrics_row(run, positions=positions, rollouts=rollouts, scored=scored, rewards=rewards,   # log
                           baseline=baseline, adv=adv, update=update, lr=lr, timer=timer, sync_diff=sync_diff)
-        if run.evalset is not None and step % cfg.eval.every == 0:
-            with timer("eval"):
-                result = evaluate_policy(run.engine.model, run.sampler, run.tags, run.evalset, cfg, progress=False)
-            row.add({f"eval/{k}": v for k, v in result["metrics"].items()})
-            row.add({"time/eval": timer.seconds["eval"]}, "max")
+        if run.evalset is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            held_out(run, row)                                                   # held-out evaluation
         log_step(run, step, reduce_rows(all_gather_object(row)), positions, rollouts, rewards, bar)
         stopping = stop.any_rank()
         if step == cfg.train.steps or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -302,7 +315,11 @@ def start_run(cfg: Config) -> Run:
         resume_dir = broadcast_object(found)
         if isinstance(resume_dir, Exception):
             raise resume_dir
-    base_path = resolve_model_path(cfg.model.name_or_path)
+    # rank 0 makes the tagged copy of the model where one is needed; the others then find it (or make
+    # their own, on a node that does not share RNTP_HOME)
+    base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
+    if not Path(base_path).exists() and not info.is_main:
+        base_path = base_model_path(cfg)
     model_path = str(resume_dir or base_path)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
@@ -520,6 +537,16 @@ def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout],
     return row
 
 
+def held_out(run: Run, row: MetricsRow) -> None:
+    """The policy on the fixed held-out positions (`rntp.evaluate`), into `row` as eval/*."""
+    timer = PhaseTimer()
+    with timer("eval"):
+        result = evaluate_policy(run.engine.model, run.sampler, run.tags, run.evalset, run.cfg, progress=False)
+    row.add({f"eval/{k}": v for k, v in result["metrics"].items()})
+    row.add({"time/eval": timer.seconds["eval"]}, "max")
+    run.eval_samples = result["samples"]  # the latest thoughts on held-out text, for the report
+
+
 def log_step(run: Run, step: int, row: dict, positions: list[Position], rollouts: list[Rollout],
              rewards: torch.Tensor, bar: tqdm) -> None:
     """Rank 0: the reduced row to metrics.jsonl and wandb, a few thoughts to samples.jsonl, the bar."""
@@ -552,7 +579,12 @@ def finish_run(run: Run) -> Path:
         run.samples_file.close()
         plot = run.metrics.plot() if run.cfg.log.plot else None
         run.metrics.finish()
+        report = held_out_report(run.metrics.rows, run.eval_samples)
+        if report:
+            (run.run_dir / "heldout.md").write_text(report)
+            print("\n" + report.split("\n\n## ")[0] + "\n")  # the before/after table; the file has the curve too
         print(f"checkpoint: {final}\nmetrics:    {run.metrics.path}\nsamples:    {run.run_dir / 'samples.jsonl'}"
+              + (f"\nheld-out:   {run.run_dir / 'heldout.md'}" if report else "")
               + (f"\nplot:       {plot}" if plot else ""))
     shutdown_distributed()
     return final

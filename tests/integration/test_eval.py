@@ -76,10 +76,33 @@ def test_run_folder_evaluates_base_and_every_checkpoint_with_reports(tiny_config
 
 
 def test_periodic_eval_during_training(tiny_config, tmp_path):
-    train(eval_config(tiny_config, "train.steps=2", "eval.every=2"))
+    """Every `eval.every` steps, the last step, and step 0 (the base model, before any update)."""
+    train(eval_config(tiny_config, "train.steps=3", "eval.every=2"))
     rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
-    assert "eval/nll_no_think" not in rows[0] and rows[1]["eval/nll_no_think"] > 0
-    assert rows[1]["time/eval"] > 0
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["step"] for r in rows if "eval/nll_no_think" in r] == [0, 2, 3]
+    assert "info_gain" not in rows[0] and rows[2]["eval/nll_no_think"] > 0 and rows[2]["time/eval"] > 0
+    # the empty-thought split of the gain adds up
+    m = {k[len("eval/"):]: v for k, v in rows[2].items() if k.startswith("eval/")}
+    assert m["info_gain_empty"] + m["info_gain_content"] == pytest.approx(m["info_gain"], abs=1e-9)
+    assert (tmp_path / "run" / "heldout.md").read_text().count("\n| ") >= 3
+
+
+def test_the_empty_thought_score_is_the_target_after_the_tags_alone(tiny_config, tiny_model_dir, tokenizer):
+    cfg = eval_config(tiny_config)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    tags = ThinkTags(tokenizer)
+    evalset = build_eval_set(cfg, tokenizer, model)
+    sampler = make_sampler("hf", str(tiny_model_dir), tags, policy=model)
+    m = evaluate_policy(model, sampler, tags, evalset, cfg, progress=False)["metrics"]
+    nll = []
+    for p in evalset.positions:  # [context] <think> </think> [target], one unpadded forward each
+        prefix = p.context + tags.open_ids + tags.close_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([prefix + p.target])).logits[0].double(), -1)
+        nll += [-float(logp[len(prefix) + h - 1, t]) for h, t in enumerate(p.target)]
+    assert m["nll_empty_thought"] == pytest.approx(sum(nll) / len(nll), abs=1e-4)
+    assert m["info_gain_empty"] == pytest.approx(m["nll_no_think"] - m["nll_empty_thought"], abs=1e-9)
 
 
 def test_bad_eval_input_is_a_clear_error(tiny_config, tmp_path):

@@ -125,7 +125,7 @@ def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_ba
     def gradients(shared):
         cfg = load_config(None, [f"train.micro_batch={micro_batch}", "rollout.group_size=3",
                                  "train.positions_per_step=4", f"train.shared_prefix={str(shared).lower()}",
-                                 "grpo.nll_coef=0.3",
+                                 "grpo.nll_coef=0.3", "grpo.no_think_nll_coef=0.2",
                                  f"grpo.loss_aggregation={aggregation}", "rollout.temperature=0.9"])
         model = load64(tiny_model_dir)
         if checkpointing:  # the shared context's activations are recomputed in backward too
@@ -144,3 +144,41 @@ def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_ba
     for name, g in unshared.items():
         assert g.abs().max() > 0, name
         assert ((shared[name] - g).abs().max() / g.abs().max()) < 1e-9, name
+
+
+def test_the_no_think_term_is_the_plain_language_model_loss_on_kept_positions(tiny_model_dir):
+    """`grpo.no_think_nll_coef` alone (zero advantages): its value and gradient equal the plain next-token
+    loss on context + target, averaged over the positions whose groups were kept (float64)."""
+    from rntp.config import load_config
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
+    from rntp.scoring import score_groups
+    from rntp.train import update_policy
+    from tests.integration.test_packing import chunk_positions, load64
+    from tests.integration.test_packing import reference as reference_logprobs
+
+    contexts, rollouts, targets = chunk_positions()
+    keep = torch.tensor([r.group != 1 for r in rollouts])  # position 1's group was dropped
+    cfg = load_config(None, ["train.micro_batch=6", "rollout.group_size=3", "train.positions_per_step=4",
+                             "grpo.no_think_nll_coef=1.0"])
+    model = load64(tiny_model_dir)
+    scored = score_groups(model.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=6)
+    engine = make_engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
+    seen = {}
+    step = engine.step
+    engine.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}) or step()
+    out = update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                        advantages=torch.zeros(len(rollouts)), keep=keep, cfg=cfg)
+
+    model64 = load64(tiny_model_dir)
+    kept = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
+    assert kept == [0, 2, 3]
+    # -mean log p(target | context), each position its own unpadded float64 forward
+    losses = [-reference_logprobs(model64, contexts[g] + targets[g], len(contexts[g]), len(targets[g])).mean()
+              for g in kept]
+    loss = sum(losses) / len(losses)
+    loss.backward()
+    assert out["loss/no_think_nll"] == pytest.approx(float(loss), rel=1e-6)  # metrics are summed in float32
+    for name, p in model64.named_parameters():  # the update reads log-probs out in float32 (`per_row`)
+        assert p.grad.abs().max() > 0, name
+        assert ((seen[name] - p.grad).abs().max() / p.grad.abs().max()) < 1e-6, name
