@@ -94,6 +94,7 @@ def run_config(model_dir: Path, corpus: Path, run_dir: Path, args, *extra: str) 
             "data.horizon=32", f"rollout.group_size={args.group}", f"rollout.max_thought_tokens={args.thought}",
             f"train.positions_per_step={args.positions}", f"train.micro_batch={args.micro_batch}",
             f"train.steps={args.steps}", "rollout.check_sync_every=0", "optim.lr=1e-6",
+            "rollout.tag_tokens=text",  # random weights: a tagged copy (GBs at these shapes) would measure nothing
             "log.wandb_mode=disabled", "log.plot=false", "log.progress=false", *extra]
 
 

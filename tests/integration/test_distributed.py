@@ -69,7 +69,8 @@ def train_args(tiny_model_dir, corpus_file, run_dir, *extra):
     return ["-m", "rntp", "train", f"model.name_or_path={tiny_model_dir}", f"data.source={corpus_file}",
             "data.chunk_tokens=64", "data.min_context=16", "data.horizon=4", "rollout.group_size=4",
             "rollout.max_thought_tokens=6", "train.positions_per_step=4", "train.micro_batch=8",
-            "log.wandb_mode=disabled", "log.progress=false", "log.plot=false", f"run_dir={run_dir}", *extra]
+            "log.wandb_mode=disabled", "log.progress=false", "log.plot=false", "rollout.tag_tokens=text",
+            f"run_dir={run_dir}", *extra]
 
 
 def rows(run_dir):

@@ -34,7 +34,7 @@ def overrides(tiny_model_dir, corpus_file, run_dir, *extra):
             "data.chunk_tokens=64", "data.min_context=16", "data.horizon=4", "rollout.sampler=hf",
             "rollout.group_size=4", "rollout.max_thought_tokens=6", "train.positions_per_step=2",
             "train.micro_batch=8", "train.steps=2", "log.wandb_mode=disabled", "log.progress=false",
-            "log.plot=false", *extra]
+            "log.plot=false", "rollout.tag_tokens=text", *extra]
 
 
 @pytest.fixture

@@ -31,7 +31,8 @@ def start_server(model_dir, log_path, *overrides, env=None):
     port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
-                                 f"model.name_or_path={model_dir}", *overrides], cwd=ROOT, stdout=log,
+                                 f"model.name_or_path={model_dir}", "rollout.tag_tokens=text", *overrides],
+                                cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600

@@ -18,7 +18,7 @@ def base_config(tmp_path, tiny_model_dir, corpus_file):
     path.write_text(yaml.safe_dump({
         "model": {"name_or_path": str(tiny_model_dir)},
         "data": {"source": str(corpus_file), "chunk_tokens": 64, "min_context": 16, "horizon": 4},
-        "rollout": {"sampler": "hf", "group_size": 4, "max_thought_tokens": 6},
+        "rollout": {"sampler": "hf", "group_size": 4, "max_thought_tokens": 6, "tag_tokens": "text"},
         "train": {"steps": 2, "positions_per_step": 2, "micro_batch": 8},
         "log": {"wandb_mode": "disabled", "progress": False, "plot": False},
     }))

@@ -182,12 +182,17 @@ def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_p
     """The `make demo` path, shortened: the real CLI, SmolLM2-135M, vLLM sampling, wandb offline."""
     env = {**os.environ, "WANDB_MODE": "offline"}
     cmd = [sys.executable, "-m", "rntp", "train", "--config", "configs/demo.yaml", "train.steps=2",
-           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false", "rollout.check_sync_every=1"]
+           f"run_dir={tmp_path / 'demo'}", "log.wandb_mode=offline", "log.progress=false", "rollout.check_sync_every=1",
+           "eval.num_positions=4"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "checkpoint:" in done.stdout and "plot:" in done.stdout
+    # it ends with the before/after table on held-out text: the base model (step 0) and the last step
+    assert "| | base model (step 0) | step 2 | change |" in done.stdout
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert [r["step"] for r in rows if "eval/info_gain" in r] == [0, 2]
+    rows = rows[1:]
     assert rows[-1]["time/sync"] > 0  # weights were pushed to the vLLM engine
     assert all(r["sync/max_logprob_diff"] < 1e-3 for r in rows)  # and it samples from the trained weights
     assert any((tmp_path / "demo" / "wandb").glob("offline-run-*"))
