@@ -37,7 +37,7 @@ prepare: install
 demo: prepare
 	$(BIN)/rntp train --config configs/demo.yaml overwrite=true   # each demo starts runs/demo afresh
 
-# The learning recipe at length (about 30 minutes on 2 cores): the held-out curve in runs/learn/heldout.md
+# The learning recipe at length (about 15 minutes on 2 cores): the held-out curve in runs/learn/heldout.md
 # and training.png.
 learn: prepare
 	$(BIN)/rntp train --config configs/learn.yaml overwrite=true
