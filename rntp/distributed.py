@@ -8,6 +8,7 @@ share of the globally normalised loss by the world size (see `update_policy`).
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -70,8 +71,10 @@ def barrier() -> None:
 
 def shutdown_distributed() -> None:
     """Leave the process group together. A rank that exits while its peers still use the group can
-    abort at interpreter exit (SIGABRT), failing a run whose work is done."""
+    abort at interpreter exit (SIGABRT), failing a run whose work is done. Close the engine first
+    (`Engine.close`): what still holds the group from C++ must let go while it is registered."""
     if dist.is_initialized():
+        gc.collect()  # wrappers caught in reference cycles go now, not after the group is destroyed
         dist.barrier()
         dist.destroy_process_group()
 

@@ -247,6 +247,7 @@ def train(cfg: Config) -> Path | None:
                     run.start_step + 1)
         run.sampler.close()
         stop.restore()
+        run.engine.close()
         shutdown_distributed()
         return run.resume_dir
     open_logs(run)
@@ -586,5 +587,6 @@ def finish_run(run: Run) -> Path:
         print(f"checkpoint: {final}\nmetrics:    {run.metrics.path}\nsamples:    {run.run_dir / 'samples.jsonl'}"
               + (f"\nheld-out:   {run.run_dir / 'heldout.md'}" if report else "")
               + (f"\nplot:       {plot}" if plot else ""))
+    run.engine.close()
     shutdown_distributed()
     return final

@@ -30,6 +30,7 @@ class Engine(ABC):
     - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler.
     - `save(dir)` / `load(dir)`: backend-native sharded state (optimizer included);
       `export(dir, tokenizer)`: a consolidated Hugging Face folder, written by rank 0.
+    - `close()`: at the end of a run, before the process group goes.
 
     `passes` is the number of micro-batch passes one optimizer step takes at most (the rows a rank
     holds over `train.micro_batch`); `total_steps` sets the learning-rate schedule's length.
@@ -69,6 +70,14 @@ class Engine(ABC):
 
     def train(self, mode: bool = True) -> None:
         self.raw.train(mode)
+
+    def close(self) -> None:
+        """Drop the backend's wrapper while the process group still exists (call before
+        `shutdown_distributed`). DDP's reducer holds the group from C++; if it let go of the last
+        reference, gloo's destructor would join its worker threads with the GIL held while one waits
+        for the GIL to free a finished collective: a hang at the end of the run (pytorch/pytorch#56297).
+        The group's own Python object releases the GIL when it is destroyed."""
+        self.model = self.raw
 
     # -- weights -----------------------------------------------------------------------------------
     def weights(self, bucket_mb: float = 256) -> WeightStream:

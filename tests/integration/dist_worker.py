@@ -2,6 +2,9 @@
 
 `step`: one optimizer step on a fixed global batch of 4 groups x 4 thoughts; each rank takes the
 groups g with g % world == rank. Rank 0 saves the full parameters after the step.
+`load`: the most parameter elements a rank holds while the policy loads and is consolidated.
+`ends`: many short runs in one process, each ending as a training run ends (engine closed, group
+destroyed), to catch a hang or abort at the end of a run.
 """
 
 import argparse
@@ -61,6 +64,7 @@ def step(args):
     state = engine.full_state_dict()
     if info.rank == 0:
         torch.save({"state": state, "stats": stats}, args.out)
+    engine.close()
     shutdown_distributed()
 
 
@@ -122,16 +126,48 @@ def load(args):
                    "consolidated": sum(t.numel() for t in state.values())}, f)
     if info.rank == 0:
         torch.save(state, args.out)
+    engine.close()
     shutdown_distributed()
+
+
+def ends(args):
+    """`args.rounds` times: a process group, the backend's engine, one optimizer step, and the end of a
+    run as `rntp.train.finish_run` does it. A round that hangs fails the test by its timeout."""
+    import os
+
+    import torch.distributed as dist
+
+    from rntp.distributed import DistInfo, all_gather_object, broadcast_object, shutdown_distributed
+    from rntp.engines import make_engine
+    from rntp.models import load_trainable
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]) + 1, world, rank == 0)
+    cfg = worker_config(args)
+    info = DistInfo(rank, world)
+    for round_ in range(args.rounds):
+        dist.init_process_group("gloo", store=dist.PrefixStore(f"round{round_}", store), rank=rank, world_size=world)
+        engine = make_engine(load_trainable(args.model, cfg, info, 1), cfg, info, 1, total_steps=1)
+        ids = torch.arange(8).view(1, 8)
+        engine.backward(engine.model(input_ids=ids).logits.float().logsumexp(-1).mean())
+        engine.step()
+        all_gather_object({"rank": rank})  # a checkpoint ends with object collectives (save_checkpoint)
+        broadcast_object(f"step_{round_}")
+        engine.close()
+        shutdown_distributed()
+        del engine
+    if rank == 0:
+        open(args.out, "w").write(f"{args.rounds} rounds")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["step", "load"])
+    parser.add_argument("command", choices=["step", "load", "ends"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--backend", default="none")
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--aggregation", default="seq_mean")
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    sys.exit({"step": step, "load": load}[args.command](args))
+    sys.exit({"step": step, "load": load, "ends": ends}[args.command](args))
