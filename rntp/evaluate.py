@@ -102,22 +102,22 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         chunk = evalset.positions[b : b + e.batch_positions]
         spec = SamplingSpec(e.thoughts, budget, e.temperature, 1.0, seed=e.seed * 1_000_003 + b)
         rollouts = sampler.sample([tags.prompt(p.context) for p in chunk], spec)
-        scored = score_groups(model, [p.context for p in chunk], rollouts, [p.target for p in chunk],
-                              pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
-        think.append(scored.target_logprobs.sum(-1).view(len(chunk), e.thoughts).double())
-        # the same positions after an empty thought: what the tags alone do to the prediction
+        # one more branch per position, an empty thought: what the tags alone do to the prediction
         blank = [Rollout(i, tags.prompt(p.context), list(tags.close_ids), n_sampled=0, closed=True)
                  for i, p in enumerate(chunk)]
-        empty.append(score_groups(model, [p.context for p in chunk], blank, [p.target for p in chunk], pad_id=pad_id,
-                                  micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
-                     .target_logprobs.sum(-1).double())
+        scored = score_groups(model, [p.context for p in chunk], rollouts + blank, [p.target for p in chunk],
+                              pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
+        n = len(rollouts)
+        sums = scored.target_logprobs.sum(-1).double()
+        think.append(sums[:n].view(len(chunk), e.thoughts))
+        empty.append(sums[n:])
         plain.append(scored.no_think_logprobs.sum(-1).double())
-        hits_think.append(scored.target_greedy.float().mean(-1).view(len(chunk), e.thoughts))
+        hits_think.append(scored.target_greedy[:n].float().mean(-1).view(len(chunk), e.thoughts))
         hits_plain.append(scored.no_think_greedy.float().mean(-1))
         lengths += [r.n_sampled for r in rollouts]
         closed += [r.closed for r in rollouts]
-        for r, s in zip(rollouts, scored.target_logprobs.sum(-1).tolist()):
-            if len(samples) < e.samples and r.group % e.thoughts == 0:
+        for i, (r, s) in enumerate(zip(rollouts, sums.tolist())):
+            if len(samples) < e.samples and i % e.thoughts == 0:  # the first thought of each position
                 p = chunk[r.group]
                 samples.append({"context_tail": tokenizer.decode(p.context[-64:]),
                                 "thought": tokenizer.decode(r.thought_ids), "target": tokenizer.decode(p.target),

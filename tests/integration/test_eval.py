@@ -43,6 +43,18 @@ def test_no_think_nll_equals_transformers_loss_and_bpb_follows(tiny_config, tiny
     assert 0 <= m["acc_no_think"] <= 1 and 0 <= m["truncated_frac"] <= 1
 
 
+def test_kept_samples_are_one_thought_from_each_of_the_first_positions(tiny_config, tiny_model_dir, tokenizer):
+    """Thoughts kept for reading show different positions (not all k thoughts of one position, which read
+    as one example repeated once thoughts agree)."""
+    cfg = eval_config(tiny_config, "eval.samples=3")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    evalset = build_eval_set(cfg, tokenizer, model)
+    sampler = make_sampler("hf", str(tiny_model_dir), ThinkTags(tokenizer), policy=model)
+    samples = evaluate_policy(model, sampler, ThinkTags(tokenizer), evalset, cfg, progress=False)["samples"]
+    expected = [(tokenizer.decode(p.context[-64:]), tokenizer.decode(p.target)) for p in evalset.positions[:3]]
+    assert [(s["context_tail"], s["target"]) for s in samples] == expected
+
+
 def test_token_bytes_are_exact_on_multibyte_text(tokenizer):
     text = "naïve café — 東京の空 🙂 ok"
     ids = tokenizer.encode(text, add_special_tokens=False)
