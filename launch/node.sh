@@ -2,7 +2,9 @@
 # One node's share of a run: torchrun with this node's rank, rendezvous at MASTER_ADDR:MASTER_PORT.
 # SIGUSR1/SIGTERM are passed to the training processes (not to torchrun, which would kill them):
 # they write a checkpoint at the end of the step and exit cleanly. torchrun itself ignores USR1, so a
-# USR1 sent to the whole process group (as srun does) reaches the trainers and leaves torchrun alone.
+# USR1 sent to every process (as SLURM signals a step) leaves torchrun alone. torchrun starts each
+# trainer in a session of its own, so a signal to this script's process group reaches them only
+# through the forwarding below.
 #
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=host MASTER_PORT=29500 NPROC=8 RUN_DIR=runs/x \
 #     launch/node.sh --config configs/gpu/single-node.yaml key=value ...

@@ -163,7 +163,8 @@ def test_usr1_to_the_node_launcher_checkpoints_and_exits_cleanly(tiny_model_dir,
 
 
 def test_usr1_to_the_whole_process_group_still_checkpoints_and_exits_cleanly(tiny_model_dir, corpus_file, tmp_path):
-    """What srun does with SLURM's warning: USR1 to every process of the task, torchrun included.
+    """SLURM's warning to every process of the step, torchrun included (here: the launcher's process
+    group; the trainers, in sessions of their own under torchrun, get it forwarded by node.sh).
     torchrun must not die of it (its default action), since srun's --kill-on-bad-exit would then
     kill the trainers mid-checkpoint; the trainers checkpoint and every process exits 0."""
     run_dir = tmp_path / "run"
