@@ -56,6 +56,13 @@ def tagged_dir(path: str, open_tag: str, close_tag: str) -> Path:
     return rntp_home() / "tagged" / f"{Path(path).name}-{key[:12]}"
 
 
+def add_tags_to_tokenizer(tokenizer, open_tag: str, close_tag: str) -> list[str]:
+    """Add the tags that are not single tokens as special tokens; the tags added."""
+    new = [tag for tag in (open_tag, close_tag) if not single_token(tokenizer, tag)]
+    tokenizer.add_tokens(new, special_tokens=True)
+    return new
+
+
 def add_tag_tokens(model, tokenizer, open_tag: str, close_tag: str) -> None:
     """Add the tags as special tokens to `tokenizer` and rows for them to `model`'s embeddings (and its
     output head when untied): open = mean of its pieces' rows, close = the row of the full stop."""
@@ -63,8 +70,7 @@ def add_tag_tokens(model, tokenizer, open_tag: str, close_tag: str) -> None:
 
     pieces = {tag: tokenizer.encode(tag, add_special_tokens=False) for tag in (open_tag, close_tag)}
     full_stop = tokenizer.encode(".", add_special_tokens=False)[-1]
-    new = [tag for tag in (open_tag, close_tag) if len(pieces[tag]) != 1]
-    tokenizer.add_tokens(new, special_tokens=True)
+    new = add_tags_to_tokenizer(tokenizer, open_tag, close_tag)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:  # else spare rows (Qwen's padding) take them
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     tables = [model.get_input_embeddings().weight]
@@ -105,6 +111,19 @@ def model_with_tags(path: str, open_tag: str, close_tag: str, *, trust_remote_co
         shutil.rmtree(staging, ignore_errors=True)
     log.info("added %s and %s as tokens to %s -> %s", open_tag, close_tag, path, out)
     return str(out)
+
+
+def run_tokenizer(cfg):
+    """The tokenizer of the model a run starts from (`base_model_path`), without loading any weights or
+    making the tagged copy, so that data and lengths are checked before a model loads: the model's own
+    tokenizer with the tags added as `add_tag_tokens` adds them where `rollout.tag_tokens=add` needs it."""
+    from rntp.models import load_tokenizer
+    from rntp.prepare import resolve_model_path
+
+    tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path))
+    if cfg.rollout.tag_tokens == "add":
+        add_tags_to_tokenizer(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    return tokenizer
 
 
 def base_model_path(cfg) -> str:

@@ -38,7 +38,7 @@ from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, 
 from rntp.models import load_policy, load_tokenizer, load_trainable
 from rntp.packing import build_packs, largest_group, packed_logprobs, packs_per_step, positions_per_pack
 from rntp.prepare import resolve_model_path
-from rntp.think_tokens import base_model_path
+from rntp.think_tokens import base_model_path, run_tokenizer
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
@@ -316,19 +316,14 @@ def start_run(cfg: Config) -> Run:
         resume_dir = broadcast_object(found)
         if isinstance(resume_dir, Exception):
             raise resume_dir
-    # rank 0 makes the tagged copy of the model where one is needed; the others then find it (or make
-    # their own, on a node that does not share RNTP_HOME)
-    base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
-    if not Path(base_path).exists() and not info.is_main:
-        base_path = base_model_path(cfg)
-    model_path = str(resume_dir or base_path)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
 
     # Tokenizer, tags and data first (each rank its own documents): bad data or lengths are one
-    # clear error before any model loads. Then the model, frozen initial copy, EMA teacher.
-    tokenizer = load_tokenizer(model_path)
+    # clear error before any model loads (the tags are added to the tokenizer in memory here; the
+    # tagged copy of the model is made below). Then the model, frozen initial copy, EMA teacher.
+    tokenizer = load_tokenizer(str(resume_dir)) if resume_dir else run_tokenizer(cfg)
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     check_max_model_len(cfg, tags)
     # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
@@ -340,6 +335,12 @@ def start_run(cfg: Config) -> Run:
     problems = [p for p in all_gather_object(stream.problem()) if p]
     if problems:  # every rank stops, not only the one without data
         raise ValueError(problems[0])
+    # rank 0 makes the tagged copy of the model where one is needed; the others then find it (or make
+    # their own, on a node that does not share RNTP_HOME)
+    base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
+    if not Path(base_path).exists() and not info.is_main:
+        base_path = base_model_path(cfg)
+    model_path = str(resume_dir or base_path)
     # micro-passes per step: packs of whole groups (the update's own rule, so that no pack is left out)
     passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
     policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3

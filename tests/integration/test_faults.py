@@ -290,6 +290,26 @@ def test_bad_paths_models_and_values_are_one_line_before_any_model_loads(
     assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())  # nothing written
 
 
+def test_bad_data_with_tags_to_add_is_one_line_before_any_model_loads_or_copy_is_made(
+        tiny_model_dir, corpus_file, tmp_path, capsys, monkeypatch, no_model_load):
+    """Under the default `rollout.tag_tokens=add` a first run makes a tagged copy of the model, which
+    loads its weights; bad data or lengths must be reported before that, and nothing made."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was reported")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+    monkeypatch.setenv("RNTP_HOME", str(tmp_path / "home"))
+    (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
+    for extra, needle in [([f"data.source={tmp_path / 'short.jsonl'}"], "yields no usable positions"),
+                          (["rollout.vllm.max_model_len=40"], "rollout.vllm.max_model_len=40 is below the")]:
+        args = ["train", *overrides(tiny_model_dir, corpus_file, tmp_path / "r", *extra), "rollout.tag_tokens=add"]
+        assert main(args) == 2, extra
+        one_line_error(capsys, needle)
+    assert not (tmp_path / "home" / "tagged").exists()
+
+
 # ---- 9: SIGTERM during start-up ---------------------------------------------------------------------------
 
 def test_sigterm_during_start_up_exits_cleanly(tiny_model_dir, corpus_file, tmp_path):

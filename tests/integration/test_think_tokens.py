@@ -12,7 +12,7 @@ from rntp.config import load_config
 from rntp.data import PositionStream
 from rntp.evaluate import run_eval
 from rntp.prepare import default_corpus_dir
-from rntp.think_tokens import add_tag_tokens, base_model_path, model_with_tags
+from rntp.think_tokens import add_tag_tokens, base_model_path, model_with_tags, run_tokenizer
 from rntp.train import train
 from rollout import SamplingSpec, ThinkTags, make_sampler
 
@@ -57,6 +57,21 @@ def test_the_tagged_copy_is_made_once_and_models_with_the_tags_are_used_as_they_
     assert model_with_tags(str(tiny_model_dir), "<reason>", "</reason>") != first  # other tags, another copy
     text = load_config(None, [f"model.name_or_path={tiny_model_dir}", "rollout.tag_tokens=text"])
     assert base_model_path(text) == str(tiny_model_dir)
+
+
+def test_the_tokenizer_checked_before_any_model_loads_is_the_tagged_copy_s(tiny_model_dir, tmp_path, monkeypatch):
+    """A run checks its data and lengths with `run_tokenizer` (no weights loaded, no copy made yet) and
+    then trains the copy: both tokenizers must read every text alike."""
+    monkeypatch.setenv("RNTP_HOME", str(tmp_path))
+    cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "rollout.tag_tokens=add"])
+    early = run_tokenizer(cfg)
+    assert not (tmp_path / "tagged").exists()  # nothing made: only the tokenizer was read
+    copy = AutoTokenizer.from_pretrained(base_model_path(cfg))
+    text = "a <think>why?</think> b </think>\n\tcafé 東京 <think></think>."
+    assert len(early) == len(copy) and early.encode(text) == copy.encode(text)
+    assert early.convert_tokens_to_ids(["<think>", "</think>"]) == copy.convert_tokens_to_ids(["<think>", "</think>"])
+    plain = load_config(None, [f"model.name_or_path={tiny_model_dir}", "rollout.tag_tokens=text"])
+    assert len(run_tokenizer(plain)) == len(copy) - 2
 
 
 def test_a_run_trains_and_evaluates_the_tagged_copy(tiny_config, tokenizer, tmp_path, monkeypatch):
