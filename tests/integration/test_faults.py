@@ -39,11 +39,15 @@ def overrides(tiny_model_dir, corpus_file, run_dir, *extra):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    """Fails the test if a model is loaded: bad input must be reported before that."""
+    """Fails the test if a model is loaded (by the trainer, or to make a tagged copy): bad input must be
+    reported before that."""
+    from transformers import AutoModelForCausalLM
+
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was reported")
 
     monkeypatch.setattr(rntp.train, "load_policy", refuse)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
 
 
 def one_line_error(capsys, *needles):
@@ -294,12 +298,6 @@ def test_bad_data_with_tags_to_add_is_one_line_before_any_model_loads_or_copy_is
         tiny_model_dir, corpus_file, tmp_path, capsys, monkeypatch, no_model_load):
     """Under the default `rollout.tag_tokens=add` a first run makes a tagged copy of the model, which
     loads its weights; bad data or lengths must be reported before that, and nothing made."""
-    from transformers import AutoModelForCausalLM
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was reported")
-
-    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
     monkeypatch.setenv("RNTP_HOME", str(tmp_path / "home"))
     (tmp_path / "short.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(50)))
     for extra, needle in [([f"data.source={tmp_path / 'short.jsonl'}"], "yields no usable positions"),
