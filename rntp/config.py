@@ -308,11 +308,18 @@ class TrainConfig(Section):
     steps: int = Field(20, ge=1)
     """Training steps."""
     positions_per_step: int = Field(4, ge=1, description="groups (positions) per optimizer step")
-    micro_batch: int = Field(8, ge=1, description="sequences per forward/backward")
+    micro_batch: int = Field(8, ge=1)
+    """Thoughts per forward/backward (a pack). Whole groups share a pack while they fit; below the
+    group size a group's thoughts are split over packs, each with its context (same gradients)."""
     save_every: int = Field(0, ge=0, description="0 = only at the end")
     shared_prefix: bool = True
     """Score and update each context once for all its thoughts (and a chunk once for all its positions):
     shared-prefix packs. false computes the context once per thought (same results)."""
+    attention: Literal["blocks", "flex", "dense"] = "blocks"
+    """Attention over packs (`rntp/attention.py`): `blocks` computes the trunk causally and each
+    position's branches over the context they see, without a mask tensor (torch's flash kernels on
+    GPUs; every device); `flex` uses FlexAttention with a BlockMask (CUDA only: it has no backward
+    on CPU); `dense` is the [W, W]-mask reference, for tests and the benchmark."""
     seed: int = Field(0, ge=0)
     """Seed of the run (sampling, initialisation of RNGs)."""
 

@@ -106,7 +106,8 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         blank = [Rollout(i, tags.prompt(p.context), list(tags.close_ids), n_sampled=0, closed=True)
                  for i, p in enumerate(chunk)]
         scored = score_groups(model, [p.context for p in chunk], rollouts + blank, [p.target for p in chunk],
-                              pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
+                              pad_id=pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16,
+                              attention=cfg.train.attention)
         n = len(rollouts)
         sums = scored.target_logprobs.sum(-1).double()
         think.append(sums[:n].view(len(chunk), e.thoughts))

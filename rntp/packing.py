@@ -2,17 +2,18 @@
 in the update alike.
 
 Every group of G thoughts shares one context, and the positions of one chunk share prefixes of it.
-A pack is one row: per chunk, its tokens (the trunk: the longest context, plus the targets when
+A pack row holds, per chunk, its tokens (the trunk: the longest context, plus the targets when
 no-think scores are wanted), then every branch `[open tag][thought][close tag][target]` of that
-chunk's positions. A block attention mask lets each branch see the trunk before its position and
-itself (causally), and its position ids continue from its position, so every branch computes what
-the unshared sequence `context + branch` computes, while the context's keys and values, and their
-gradient (the sum over its branches), are computed once.
+chunk's positions. Each branch attends to the trunk before its position and to itself (causally),
+and its position ids continue from its position, so every branch computes what the unshared
+sequence `context + branch` computes, while the context's keys and values, and their gradient (the
+sum over its branches), are computed once. Attention follows that structure (`rntp.attention`): no
+[W, W] mask, no work on pairs that cannot attend.
 
-Why a packed row with a mask rather than a KV cache built with gradients: it is one ordinary
-forward and backward, so gradient checkpointing, DDP, ZeRO 1-3 and FSDP2 see nothing unusual. The
-mask is a boolean [L, L] for SDPA (an additive one for eager attention); on GPUs SDPA runs it with
-its memory-efficient kernel. With `shared=False` every thought gets its own copy of its context
+Why a packed row rather than a KV cache built with gradients: it is one ordinary forward and
+backward, so gradient checkpointing, DDP, ZeRO 1-3 and FSDP2 see nothing unusual. A pack holds at
+most `train.micro_batch` thoughts: whole groups while they fit, else a group's thoughts split over
+packs, each with its context. With `shared=False` every thought gets its own copy of its context
 (the unshared computation, for the benchmark and for debugging), through the same code.
 
 Log-probs are read only where needed (thought tokens, targets, no-think targets), and the output
@@ -31,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trl.trainer.utils import selective_log_softmax
 
+from rntp.attention import Branch, PackAttention, PackLayout, install, row_layout
 from rollout.spans import Rollout
 
 LOGP_FLOOR = -1e4
@@ -58,9 +60,10 @@ def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
 class Pack:
     """A micro-batch of packed rows, one per trunk (a chunk's shared context, or with `shared=False`
     one context copy per thought), and where its read-outs go. Rows are right-padded to one width;
-    attention cost is then that of the rows, not of one long row holding them all."""
+    attention (`rntp.attention`) follows each row's structure, so padding and the space between
+    branches cost nothing but the padding's own tokens."""
 
-    rows: list[dict] = field(default_factory=list)  # ids, pos, branch (-1: trunk), limit per token
+    rows: list[dict] = field(default_factory=list)  # ids, pos, branches ((start, length, limit)) per row
     read_row: list[int] = field(default_factory=list)  # (row, column) whose next-token log-prob is read
     read_col: list[int] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)  # the token read there
@@ -73,6 +76,10 @@ class Pack:
     def tokens(self) -> int:
         return sum(len(r["ids"]) for r in self.rows)
 
+    @property
+    def thought_count(self) -> int:
+        return len(self.thoughts)
+
     def _read(self, col: int, label: int, sampled: bool = False) -> None:
         self.read_row.append(len(self.rows) - 1)
         self.read_col.append(col)
@@ -81,8 +88,8 @@ class Pack:
 
     def add_trunk(self, tokens: list[int]) -> None:
         """A new row holding `tokens` from position 0."""
-        self.rows.append({"ids": list(tokens), "pos": list(range(len(tokens))), "branch": [-1] * len(tokens),
-                          "limit": [len(tokens)] * len(tokens)})
+        self.rows.append({"ids": list(tokens), "pos": list(range(len(tokens))), "trunk": len(tokens),
+                          "branches": []})
 
     def add_no_think(self, position: int, context_len: int, target: list[int]) -> None:
         first = len(self.labels)
@@ -97,8 +104,7 @@ class Pack:
         tokens = opened + rollout.thought_ids + target
         row["ids"] += tokens
         row["pos"] += range(context_len, context_len + len(tokens))
-        row["branch"] += [max(row["branch"]) + 1] * len(tokens)
-        row["limit"] += [context_len] * len(tokens)  # it sees the trunk before its position
+        row["branches"].append(Branch(start, len(tokens), context_len))  # it sees the trunk before its position
         first = len(self.labels)
         for j in range(rollout.n_sampled):  # thought token j is predicted at the token before it
             self._read(start + len(opened) + j - 1, rollout.thought_ids[j], sampled=True)
@@ -109,88 +115,99 @@ class Pack:
             self._read(t0 + h - 1, token)
         self.targets[index] = slice(first, len(self.labels))
 
-    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Ids and position ids [B, W], and the attention mask [B, W, W]: True where query q may
-        attend key k. A trunk token sees the trunk before it; a branch token sees the trunk before
-        its position and its own branch before it; padding sees only itself."""
+    def layout(self) -> PackLayout:
+        return PackLayout([row_layout(len(r["ids"]), r["trunk"], r["branches"]) for r in self.rows])
+
+    def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids and position ids [B, W], right-padded."""
         width = max(len(r["ids"]) for r in self.rows)
 
-        def padded(key, fill):
-            return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in self.rows], device=device)
+        def padded(key):
+            return torch.tensor([r[key] + [0] * (width - len(r[key])) for r in self.rows], device=device)
 
-        ids, pos, branch, limit = padded("ids", 0), padded("pos", 0), padded("branch", -2), padded("limit", 0)
-        k = torch.arange(width, device=device)
-        causal = k[None, None, :] <= k[None, :, None]
-        trunk_key = (branch == -1)[:, None, :]
-        sees_trunk = trunk_key & (k[None, None, :] < limit[:, :, None])
-        own_branch = (branch[:, None, :] == branch[:, :, None]) & ~trunk_key
-        mask = causal & (sees_trunk | own_branch)
-        return ids, pos, mask | torch.eye(width, dtype=torch.bool, device=device)[None]
+        return padded("ids"), padded("pos")
+
+
+def plan_packs(counts: list[int], micro_batch: int) -> list[list[tuple[int, int, int]]]:
+    """Which thoughts go into which pack: per pack, (position, first, stop) slices of positions'
+    thoughts (`counts` per position, in order), at most `micro_batch` thoughts per pack. Whole groups
+    share a pack while they fit; a group larger than `micro_batch` is split into near-equal parts,
+    each in a pack of its own with its context (the context's gradient is the sum over all its
+    branches either way). A position without thoughts (no-think scores only) counts as one."""
+    plan: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    filled = 0
+    for g, count in enumerate(counts):
+        units = max(count, 1)
+        if units > micro_batch:
+            if current:
+                plan.append(current)
+                current, filled = [], 0
+            parts = -(-units // micro_batch)
+            bounds = [round(units * k / parts) for k in range(parts + 1)]
+            plan += [[(g, lo, hi)] for lo, hi in zip(bounds, bounds[1:])]
+            continue
+        if filled + units > micro_batch:
+            plan.append(current)
+            current, filled = [], 0
+        current.append((g, 0, count))
+        filled += units
+    if current:
+        plan.append(current)
+    return plan
 
 
 def build_packs(contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *,
-                positions_per_pack: int, shared: bool = True, no_think: bool = False,
+                micro_batch: int, shared: bool = True, no_think: bool = False,
                 positions: list[int] | None = None) -> list[tuple[list[int], Pack]]:
-    """Packs over `positions` (default all), `positions_per_pack` at a time, each with the rollouts of
-    its positions (`rollouts[i].group` indexes `contexts` and `targets`). Consecutive positions whose
-    context + target sequences are prefixes of one another (positions of one chunk) share a trunk.
-    With `no_think`, the trunk holds the targets too and the positions' no-think targets are read."""
+    """Packs over `positions` (default all) of at most `micro_batch` thoughts each (`plan_packs`),
+    each with the rollouts it holds (`rollouts[i].group` indexes `contexts` and `targets`).
+    Consecutive positions whose context + target sequences are prefixes of one another (positions of
+    one chunk) share a trunk. With `no_think`, the trunk holds the targets too and the positions'
+    no-think targets are read (once per position, in the pack holding its first thoughts)."""
     by_position: dict[int, list[int]] = {}
     for i, r in enumerate(rollouts):
         by_position.setdefault(r.group, []).append(i)
     order = positions if positions is not None else sorted(by_position)
     packs = []
-    for s in range(0, len(order), positions_per_pack):
-        chosen, pack = order[s : s + positions_per_pack], Pack()
+    for planned in plan_packs([len(by_position.get(g, [])) for g in order], micro_batch):
+        chosen = [(order[p], lo, hi) for p, lo, hi in planned]
+        pack = Pack()
         # runs of positions whose sequences are all prefixes of the run's longest (one chunk's
         # positions, or documents that open alike); the trunk is that longest
-        runs: list[list[int]] = []
+        runs: list[list[tuple[int, int, int]]] = []
         longest_seq: list[int] = []
-        for g in chosen:
-            seq = contexts[g] + targets[g]
+        for entry in chosen:
+            seq = contexts[entry[0]] + targets[entry[0]]
             if shared and runs and _nested(seq, longest_seq):
-                runs[-1].append(g)
+                runs[-1].append(entry)
                 longest_seq = max(longest_seq, seq, key=len)
             else:
-                runs.append([g])
+                runs.append([entry])
                 longest_seq = seq
+        held = []
         for run in runs:
-            longest = max(run, key=lambda g: len(contexts[g]))
-            trunk = contexts[longest] + (targets[longest] if no_think else [])
+            longest = max((g for g, _, _ in run), key=lambda g: len(contexts[g]))
             if shared:
-                pack.add_trunk(trunk)
-                for g in run:
-                    if no_think:
-                        pack.add_no_think(g, len(contexts[g]), targets[g])
-                    for i in by_position.get(g, []):
-                        pack.add_branch(i, rollouts[i], len(contexts[g]), targets[g])
-            else:  # every thought with its own copy of the context
-                for g in run:
-                    if no_think:
-                        pack.add_trunk(contexts[g] + targets[g])
-                        pack.add_no_think(g, len(contexts[g]), targets[g])
-                    for i in by_position.get(g, []):
+                pack.add_trunk(contexts[longest] + (targets[longest] if no_think else []))
+            for g, lo, hi in run:
+                reads_no_think = no_think and lo == 0
+                if not shared and reads_no_think:
+                    pack.add_trunk(contexts[g] + targets[g])
+                if reads_no_think:
+                    pack.add_no_think(g, len(contexts[g]), targets[g])
+                for i in by_position.get(g, [])[lo:hi]:
+                    if not shared:  # every thought with its own copy of the context
                         pack.add_trunk(contexts[g])
-                        pack.add_branch(i, rollouts[i], len(contexts[g]), targets[g])
-        packs.append(([i for g in chosen for i in by_position.get(g, [])], pack))
+                    pack.add_branch(i, rollouts[i], len(contexts[g]), targets[g])
+                    held.append(i)
+        packs.append((held, pack))
     return packs
-
-
-def positions_per_pack(group_size: int, micro_batch: int) -> int:
-    """Whole groups per pack: as many positions as `micro_batch` thoughts hold (at least one)."""
-    return max(1, micro_batch // max(group_size, 1))
 
 
 def packs_per_step(positions: int, group_size: int, micro_batch: int) -> int:
     """How many packs (micro-passes) `positions` positions of `group_size` thoughts make."""
-    return -(-positions // positions_per_pack(group_size, micro_batch))
-
-
-def largest_group(rollouts: list[Rollout]) -> int:
-    counts: dict[int, int] = {}
-    for r in rollouts:
-        counts[r.group] = counts.get(r.group, 0) + 1
-    return max(counts.values(), default=1)
+    return len(plan_packs([group_size] * positions, micro_batch))
 
 
 def _nested(a: list[int], b: list[int]) -> bool:
@@ -268,21 +285,23 @@ class PackedLogProbs:
 
 
 def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float = 1.0, autocast: bool = False,
-                    extras: bool = False, chunk: int | None = None) -> PackedLogProbs:
+                    extras: bool = False, chunk: int | None = None, attention: str = "blocks") -> PackedLogProbs:
     """One forward of a pack through `model` (a Hugging Face causal LM, possibly wrapped by DDP,
-    DeepSpeed or sharded by FSDP2): the log-probs of its reads, in order."""
+    DeepSpeed or sharded by FSDP2): the log-probs of its reads, in order. `attention` picks the
+    kernel (`rntp.attention`): `blocks`, `flex` (CUDA) or the `dense` reference."""
     inner = getattr(model, "module", model)
+    install(inner)
     device = next(inner.parameters()).device
     chunk = chunk or max(16, 2**27 // inner.config.vocab_size)  # ~512 MB of fp32 logits per chunk
-    ids, pos, mask = pack.tensors(device)
-    if inner.config._attn_implementation == "eager":  # eager attention adds its mask
-        mask = torch.zeros(mask.shape, device=device).masked_fill(~mask, torch.finfo(torch.float32).min)
-    elif inner.config._attn_implementation != "sdpa":
-        raise ValueError(f"packed sequences need sdpa or eager attention, not {inner.config._attn_implementation!r}")
+    ids, pos = pack.tensors(device)
+    structure = PackAttention(pack.layout(), attention, device)
     where = (torch.tensor(pack.read_row, device=device), torch.tensor(pack.read_col, device=device))
     head = ChunkedLogProbs(inner.get_output_embeddings(), where, torch.tensor(pack.labels, device=device),
                            torch.tensor(pack.sampled, device=device), temperature, top_p, extras, chunk)
+    # a 4-D placeholder mask: transformers then builds none (the structure travels as `rntp_pack`)
+    placeholder = torch.ones(ids.shape[0], 1, 1, 1, dtype=torch.bool, device=device)
     with _head_swapped(model, head), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         # logits_to_keep=0: the head gets every hidden state and projects only the reads
-        out = model(input_ids=ids, attention_mask=mask[:, None], position_ids=pos, logits_to_keep=0, use_cache=False)
+        out = model(input_ids=ids, attention_mask=placeholder, position_ids=pos, logits_to_keep=0, use_cache=False,
+                    rntp_pack=structure)
     return PackedLogProbs(out.logits, head.argmax, head.entropy)

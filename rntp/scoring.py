@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from rntp.packing import build_packs, largest_group, packed_logprobs, positions_per_pack
+from rntp.packing import build_packs, packed_logprobs
 from rollout.spans import Rollout, left_pad
 
 
@@ -88,13 +88,13 @@ class Scored:
 
 @torch.no_grad()
 def no_think_logprobs(model, contexts: list[list[int]], targets: list[list[int]], *, micro_batch: int,
-                      autocast: bool = False) -> torch.Tensor:
+                      autocast: bool = False, attention: str = "blocks") -> torch.Tensor:
     """log p(target_h | context, target_<h) per position, [P, H] (for a baseline model), read from
     the same packs as scoring's own no-think scores (a chunk's positions share its trunk)."""
     out = torch.zeros(len(contexts), len(targets[0]))
-    for _, pack in build_packs(contexts, [], targets, positions_per_pack=micro_batch, no_think=True,
+    for _, pack in build_packs(contexts, [], targets, micro_batch=micro_batch, no_think=True,
                                positions=list(range(len(contexts)))):
-        logp = packed_logprobs(model, pack, autocast=autocast).logp.float().cpu()
+        logp = packed_logprobs(model, pack, autocast=autocast, attention=attention).logp.float().cpu()
         for g, span in pack.no_think.items():
             out[g] = logp[span]
     return out
@@ -112,11 +112,11 @@ def position_entropies(model, ids: list[int]) -> torch.Tensor:
 @torch.no_grad()
 def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targets: list[list[int]], *, pad_id: int,
                  micro_batch: int, autocast: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-                 shared: bool = True) -> Scored:
+                 shared: bool = True, attention: str = "blocks") -> Scored:
     """Fused scoring of all thoughts: per position, the no-think target log-probs; per thought, the
     old log-probs of its tokens and the log-probs of the target after it (the reward), all from
     one forward of shared-prefix packs (`rntp.packing`): each chunk's tokens once, every thought
-    branch attending to its context. `micro_batch` thoughts (whole groups) go into a pack.
+    branch attending to its context. At most `micro_batch` thoughts go into a pack (`plan_packs`).
     `rollouts[i].group` indexes `contexts` and `targets`. Thought log-probs (and their entropy) are
     those of the sampling distribution (`temperature`, `top_p`); target log-probs are the model's.
     """
@@ -129,9 +129,9 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
     target_lp, pred = torch.zeros(n, horizon), torch.zeros(n, horizon, dtype=torch.long)
     entropy, no_think = torch.zeros(n), torch.zeros(len(contexts), horizon)
     no_think_greedy = torch.zeros(len(contexts), horizon, dtype=torch.bool)
-    per_pack = positions_per_pack(largest_group(rollouts), micro_batch)
-    for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=shared, no_think=True):
-        out = packed_logprobs(model, pack, temperature=temperature, top_p=top_p, autocast=autocast, extras=True)
+    for _, pack in build_packs(contexts, rollouts, targets, micro_batch=micro_batch, shared=shared, no_think=True):
+        out = packed_logprobs(model, pack, temperature=temperature, top_p=top_p, autocast=autocast, extras=True,
+                              attention=attention)
         logp, argmax, ent = out.logp.float().cpu(), out.argmax.cpu(), out.entropy.cpu()
         for i, span in pack.thoughts.items():
             thought_lp[i, batch.thought_mask[i]] = logp[span]

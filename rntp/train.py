@@ -36,7 +36,7 @@ from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_tokenizer, load_trainable
-from rntp.packing import build_packs, largest_group, packed_logprobs, packs_per_step, positions_per_pack
+from rntp.packing import build_packs, packed_logprobs, packs_per_step
 from rntp.prepare import resolve_model_path
 from rntp.think_tokens import base_model_path, run_tokenizer
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
@@ -79,12 +79,12 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     old_logp = compact(scored.thought_logprobs, scored.batch.thought_mask, width)
     behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
         if scored.behaviour_logprobs is not None else None
-    per_pack = positions_per_pack(largest_group(rollouts), cfg.train.micro_batch)
-    packs = build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=cfg.train.shared_prefix,
+    packs = build_packs(contexts, rollouts, targets, micro_batch=cfg.train.micro_batch, shared=cfg.train.shared_prefix,
                         positions=kept_positions, no_think=g.no_think_nll_coef > 0)
     passes = engine.fixed_passes or len(packs)
-    stand_in = build_packs(contexts, rollouts, targets, positions_per_pack=1, positions=[0])[0]
-    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16)
+    stand_in = build_packs(contexts, rollouts, targets, micro_batch=1, positions=[0])[0]
+    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16,
+                    attention=cfg.train.attention)
     stats = torch.zeros(7, dtype=torch.float64)  # policy loss, nll, kl, no-think nll, clipped, IS weights, corrected
     packed_tokens, grad_norm = 0, float("nan")
     for _ in range(g.epochs):
@@ -341,7 +341,7 @@ def start_run(cfg: Config) -> Run:
     if not Path(base_path).exists() and not info.is_main:
         base_path = base_model_path(cfg)
     model_path = str(resume_dir or base_path)
-    # micro-passes per step: packs of whole groups (the update's own rule, so that no pack is left out)
+    # micro-passes per step: the update's own packing rule (`plan_packs`), so that no pack is left out
     passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
     policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
     policy.train()
@@ -422,7 +422,7 @@ def score(run: Run, positions: list[Position], rollouts: list[Rollout]) -> Score
     scored = score_groups(run.engine.model, [p.context for p in positions], rollouts, [p.target for p in positions],
                           pad_id=run.pad_id, micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16,
                           temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p,
-                          shared=cfg.train.shared_prefix)
+                          shared=cfg.train.shared_prefix, attention=cfg.train.attention)
     run.engine.train(True)
     return scored
 
@@ -434,7 +434,8 @@ def reward(run: Run, positions: list[Position], rollouts: list[Rollout],
     cfg = run.cfg
     if run.baseline_model is not None:
         baseline = no_think_logprobs(run.baseline_model, [p.context for p in positions], [p.target for p in positions],
-                                     micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16)
+                                     micro_batch=cfg.train.micro_batch, autocast=cfg.model.autocast_bf16,
+                                     attention=cfg.train.attention)
     else:
         baseline = scored.no_think_logprobs
     group = torch.tensor([r.group for r in rollouts])

@@ -71,14 +71,15 @@ def read(result, pack, where):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-@pytest.mark.parametrize("per_pack", [1, 2, 4])
-def test_packed_logprobs_equal_independent_sequences(shared, per_pack, model64):
+@pytest.mark.parametrize("micro_batch", [1, 2, 4, 8])  # 1 and 2 split groups of 3 over packs
+@pytest.mark.parametrize("attention", ["blocks", "dense"])
+def test_packed_logprobs_equal_independent_sequences(shared, micro_batch, attention, model64):
     contexts, rollouts, targets = chunk_positions()
     thoughts, target_lp, no_think = {}, {}, {}
     with torch.no_grad():
-        for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=shared,
+        for _, pack in build_packs(contexts, rollouts, targets, micro_batch=micro_batch, shared=shared,
                                    no_think=True):
-            out = packed_logprobs(model64, pack)
+            out = packed_logprobs(model64, pack, attention=attention)
             thoughts.update(read(out, pack, lambda p: p.thoughts))
             target_lp.update(read(out, pack, lambda p: p.targets))
             no_think.update(read(out, pack, lambda p: p.no_think))
@@ -93,8 +94,8 @@ def test_packed_logprobs_equal_independent_sequences(shared, per_pack, model64):
 
 def test_one_trunk_per_chunk_when_shared():
     contexts, rollouts, targets = chunk_positions()
-    (_, shared), = build_packs(contexts, rollouts, targets, positions_per_pack=4, no_think=True)
-    (_, unshared), = build_packs(contexts, rollouts, targets, positions_per_pack=4, shared=False, no_think=True)
+    (_, shared), = build_packs(contexts, rollouts, targets, micro_batch=8, no_think=True)
+    (_, unshared), = build_packs(contexts, rollouts, targets, micro_batch=8, shared=False, no_think=True)
     branches = sum(len(r.prompt_ids) - len(contexts[r.group]) + len(r.thought_ids) + 4 for r in rollouts)
     assert shared.tokens == (27 + 4) + (12 + 4) + branches  # each chunk's tokens once
     assert unshared.tokens == sum(len(c) + 4 for c in contexts) + sum(len(contexts[r.group]) for r in rollouts) \
@@ -106,8 +107,8 @@ def loss_of(values: dict, weights: dict) -> torch.Tensor:
     return sum((values[k] * weights[k][: len(values[k])]).sum() for k in values)
 
 
-@pytest.mark.parametrize("per_pack", [1, 4])
-def test_shared_gradients_equal_unshared_and_independent(per_pack, tiny_model_dir):
+@pytest.mark.parametrize("micro_batch", [1, 2, 8])
+def test_shared_gradients_equal_unshared_and_independent(micro_batch, tiny_model_dir):
     """The gradient through a shared context is the sum over its branches, exactly: shared packs,
     unshared packs and unpacked sequences give the same gradient (float64, 1e-9 relative)."""
     contexts, rollouts, targets = chunk_positions()
@@ -123,7 +124,7 @@ def test_shared_gradients_equal_unshared_and_independent(per_pack, tiny_model_di
     def packed(shared):
         def compute(model):
             total = 0
-            for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=per_pack, shared=shared):
+            for _, pack in build_packs(contexts, rollouts, targets, micro_batch=micro_batch, shared=shared):
                 out = packed_logprobs(model, pack, temperature=0.8, chunk=7)  # several head chunks
                 total = total + loss_of(read(out, pack, lambda p: p.thoughts), w_thought) \
                     + loss_of(read(out, pack, lambda p: p.targets), w_target)
@@ -164,7 +165,7 @@ def test_positions_that_extend_a_shared_prefix_differently_get_their_own_trunks(
     targets = [doc[p : p + 4] for doc, p in places]
     rollouts = [Rollout(g, contexts[g] + OPEN, rand(3), n_sampled=3, closed=True) for g in range(3)]
     with torch.no_grad():
-        for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=3, no_think=True):
+        for _, pack in build_packs(contexts, rollouts, targets, micro_batch=3, no_think=True):
             out = packed_logprobs(model64, pack)
             for i, span in pack.thoughts.items():
                 r = rollouts[i]
@@ -181,7 +182,7 @@ def test_the_loops_pass_count_covers_every_pack():
     """Engines that fix the micro-passes per step (several ranks, DeepSpeed) run `packs_per_step`
     passes; a pack beyond them would be left out of the update. (The count once assumed thoughts fill
     micro-batches exactly: with G=4 and micro-batch 6, 3 positions made 3 packs but 2 passes.)"""
-    from rntp.packing import largest_group, packs_per_step, positions_per_pack
+    from rntp.packing import packs_per_step
 
     for positions in range(1, 7):
         for group in range(1, 6):
@@ -189,6 +190,7 @@ def test_the_loops_pass_count_covers_every_pack():
                 contexts = [[100 + g] * 5 for g in range(positions)]  # no shared prefixes
                 rollouts = [Rollout(g, contexts[g] + OPEN, [7], 1, True)
                             for g in range(positions) for _ in range(group)]
-                packs = build_packs(contexts, rollouts, [[5, 6]] * positions,
-                                    positions_per_pack=positions_per_pack(largest_group(rollouts), micro_batch))
+                packs = build_packs(contexts, rollouts, [[5, 6]] * positions, micro_batch=micro_batch)
                 assert len(packs) == packs_per_step(positions, group, micro_batch)
+                assert all(pack.thought_count <= micro_batch for _, pack in packs)
+                assert sorted(i for held, _ in packs for i in held) == list(range(len(rollouts)))

@@ -110,7 +110,7 @@ def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, m
         got = scored.thought_logprobs[i][scored.batch.thought_mask[i]].double()
         torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=2e-4)
     with torch.no_grad():  # the update's forward: the same packs, without extras
-        for _, pack in build_packs(contexts, rollouts, targets, positions_per_pack=2):
+        for _, pack in build_packs(contexts, rollouts, targets, micro_batch=2):
             new = packed_logprobs(model, pack, temperature=temperature, top_p=top_p).logp
             for i, span in pack.thoughts.items():
                 torch.testing.assert_close(new[span], scored.thought_logprobs[i][scored.batch.thought_mask[i]],
