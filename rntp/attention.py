@@ -23,6 +23,7 @@ the `rntp_pack` keyword that `packing.packed_logprobs` passes down the model and
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -129,6 +130,12 @@ class PackLayout:
         return (causal & (sees_trunk | own_branch)) | eye
 
 
+@lru_cache(maxsize=4096)
+def _lower_right(queries: int, keys: int):
+    """query i sees keys [0, keys - queries + i]: a branch sees its context and itself causally."""
+    return causal_lower_right(queries, keys)
+
+
 def row_layout(width: int, trunk: int, branches: list[Branch]) -> RowLayout:
     """Branches grouped by position (consecutive branches with one limit). A row that is one context
     and one branch right after it (an unshared sequence) is causal throughout: all trunk."""
@@ -167,7 +174,7 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             keys = torch.cat([k[None, :, :limit].expand(n, -1, -1, -1), own_k], 2)
             values = torch.cat([v[None, :, :limit].expand(n, -1, -1, -1), own_v], 2)
             out = F.scaled_dot_product_attention(q[:, cols].transpose(0, 1), keys, values,
-                                                 attn_mask=causal_lower_right(longest, limit + longest), scale=scale,
+                                                 attn_mask=_lower_right(longest, limit + longest), scale=scale,
                                                  dropout_p=dropout, enable_gqa=gqa)  # [n, H, longest, d]
             pieces.append(out.transpose(0, 1).reshape(q.shape[0], n * longest, -1)[:, real])
         used = sum(p.shape[1] for p in pieces)
