@@ -103,11 +103,13 @@ def group_std(rewards: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
 
 
 def zero_spread_fraction(rewards: torch.Tensor, group: torch.Tensor, tol: float = 1e-6) -> float:
-    """Fraction of groups whose rewards are all equal (within tol): they carry no signal."""
+    """Fraction of groups whose rewards are all equal (within tol): they carry no signal. Only ids
+    that have rows count (dropped groups leave holes in the ids)."""
     n_groups = int(group.max()) + 1
     hi = torch.full((n_groups,), -torch.inf, dtype=rewards.dtype).scatter_reduce(0, group, rewards, "amax")
     lo = torch.full((n_groups,), torch.inf, dtype=rewards.dtype).scatter_reduce(0, group, rewards, "amin")
-    return float(((hi - lo) <= tol).float().mean())
+    present = torch.bincount(group, minlength=n_groups) > 0
+    return float(((hi - lo) <= tol)[present].float().mean())
 
 
 @dataclass

@@ -287,3 +287,11 @@ def test_group_advantages_batch_goes_through_reduce():
     torch.testing.assert_close(got, torch.tensor(loop_advantages(rewards.tolist(), groups.tolist(), "batch"),
                                                  dtype=torch.float64))
     assert seen == [[4.0, 0.0, pytest.approx(0.25 + 0.25 + 4.0 + 4.0)]]  # centred: -0.5, 0.5, -2, 2
+
+
+def test_zero_spread_fraction_counts_only_groups_that_have_rows():
+    # Dropped groups leave holes in the ids (`group[keep]`): one group, with spread, at id 1.
+    assert grpo.zero_spread_fraction(torch.tensor([0.0, 1.0]), torch.tensor([1, 1])) == 0.0
+    # ids 0, 2 and 4: one of the three groups present has no spread
+    rewards = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 6.0])
+    assert grpo.zero_spread_fraction(rewards, torch.tensor([0, 0, 2, 2, 4, 4])) == pytest.approx(1 / 3)
