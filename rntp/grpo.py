@@ -11,6 +11,11 @@ import torch
 Reduce = Callable[[list[float]], list[float]]  # sums a list of floats over ranks (all_reduce_sum)
 
 
+# Bound on log-ratios that are exponentiated (e^20 ~ 5e8, far beyond any clip range; well inside
+# float32), so log-probs floored at rntp.packing.LOGP_FLOOR cannot overflow to inf or NaN.
+MAX_LOG_RATIO = 20.0
+
+
 def local_sum(values: list[float]) -> list[float]:
     """The `reduce` of a single process: the values as they are."""
     return values
@@ -147,8 +152,14 @@ def aggregate(token_values: torch.Tensor, mask: torch.Tensor, norm: LossNorm) ->
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                       clip_low: float, clip_high: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token PPO/GRPO loss -min(rho A, clip(rho, 1-eps_low, 1+eps_high) A) and where the
-    clip is active. `advantages` is per sequence [B]; log-probs are [B, L]."""
-    ratio = torch.exp(logp - old_logp)
+    clip is active. `advantages` is per sequence [B]; log-probs are [B, L].
+
+    The log-ratio is bounded to +-MAX_LOG_RATIO before it is exponentiated: a log-prob floored at
+    LOGP_FLOOR (a token outside the top-p nucleus re-entering it with grpo.epochs > 1) would give
+    exp(~1e4) = inf, then inf * 0 = NaN in the loss and its gradient. Beyond the bound the ratio is far
+    outside any clip range, so the clipped branch is chosen where PPO clips, and elsewhere (the
+    pessimistic unclipped side) the value stays finite and the gradient is zero."""
+    ratio = torch.exp((logp - old_logp).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO))
     adv = advantages[:, None]
     unclipped = -adv * ratio
     clipped = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
@@ -156,8 +167,13 @@ def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: to
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(pi || ref) estimate exp(q - p) - (q - p) - 1 with p = log pi, q = log ref (>= 0)."""
-    delta = ref_logp - logp
+    """Per-token KL(pi || ref) estimate exp(q - p) - (q - p) - 1 with p = log pi, q = log ref (>= 0).
+
+    q - p is bounded above by MAX_LOG_RATIO, where it is exponentiated: a policy log-prob floored at
+    LOGP_FLOOR against an unfloored reference would give exp(~1e4) = inf. Beyond the bound the estimate
+    is saturated (finite, no gradient); below it (the reference floored) exp underflows to 0 harmlessly
+    and the estimate and its gradient are exact."""
+    delta = (ref_logp - logp).clamp(max=MAX_LOG_RATIO)
     return torch.exp(delta) - delta - 1
 
 

@@ -295,3 +295,71 @@ def test_zero_spread_fraction_counts_only_groups_that_have_rows():
     # ids 0, 2 and 4: one of the three groups present has no spread
     rewards = torch.tensor([1.0, 1.0, 2.0, 3.0, 4.0, 6.0])
     assert grpo.zero_spread_fraction(rewards, torch.tensor([0, 0, 2, 2, 4, 4])) == pytest.approx(1 / 3)
+
+
+def loop_surrogate(logp, old, adv, clip_low, clip_high):
+    """float64 loop: per-token loss -min(r A, clip(r) A), d loss / d logp, and whether the clip is active."""
+    loss, grad, clipped = [], [], []
+    for lrow, orow, a in zip(logp, old, adv):
+        for lp, op in zip(lrow, orow):
+            r = math.exp(lp - op)
+            unclipped, clip = -a * r, -a * min(max(r, 1 - clip_low), 1 + clip_high)
+            loss.append(max(unclipped, clip))
+            grad.append(-a * r if unclipped >= clip else 0.0)  # the clipped branch is constant
+            clipped.append(clip > unclipped)
+    return loss, grad, clipped
+
+
+def test_clipped_surrogate_matches_a_float64_loop_on_ordinary_ratios():
+    gen = torch.Generator().manual_seed(5)
+    old = -3 * torch.rand(4, 6, generator=gen, dtype=torch.float64)
+    logp = (old + 0.6 * torch.randn(4, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    adv = torch.tensor([1.3, -0.7, 0.0, -2.0], dtype=torch.float64)
+    loss, clipped = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    loss.sum().backward()
+    want, grad, want_clipped = loop_surrogate(logp.tolist(), old.tolist(), adv.tolist(), 0.2, 0.28)
+    torch.testing.assert_close(loss.flatten(), torch.tensor(want, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(logp.grad.flatten(), torch.tensor(grad, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert clipped.flatten().tolist() == want_clipped
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clipped_surrogate_is_finite_with_floored_logprobs(dtype):
+    """Log-probs floored at LOGP_FLOOR (a token outside the top-p nucleus) on either side of the ratio:
+    with grpo.epochs > 1 a token can re-enter the nucleus (old floored, ratio e^9998) or leave it."""
+    from rntp.packing import LOGP_FLOOR
+
+    f = LOGP_FLOOR
+    old = torch.tensor([[f, -2.0, -1.0], [f, -2.0, -1.0], [f, -2.0, -1.0]], dtype=dtype)
+    logp = torch.tensor([[-2.0, f, -1.0]] * 3, dtype=dtype, requires_grad=True)
+    adv = torch.tensor([1.0, -1.0, 0.0], dtype=dtype)  # a zero advantage (a masked row) too
+    loss, clipped = grpo.clipped_surrogate(logp, old, adv, 0.2, 0.28)
+    loss.sum().backward()
+    loss = loss.detach()
+    assert torch.isfinite(loss).all() and torch.isfinite(logp.grad).all()
+    # A > 0, re-entered: the clipped branch, value -(1 + eps_high) A, no gradient
+    assert bool(clipped[0, 0]) and float(loss[0, 0]) == pytest.approx(-1.28) and float(logp.grad[0, 0]) == 0.0
+    # A > 0, left: the ratio is ~0, unclipped (pessimistic), loss ~0 and no gradient
+    assert not bool(clipped[0, 1]) and abs(float(loss[0, 1])) < 1e-6 and float(logp.grad[0, 1]) == 0.0
+    # A < 0, left: the clipped branch, (1 - eps_low) |A|
+    assert bool(clipped[1, 1]) and float(loss[1, 1]) == pytest.approx(0.8) and float(logp.grad[1, 1]) == 0.0
+    # ordinary tokens beside them: ratio 1, d loss / d logp = -A
+    assert logp.grad[:, 2].tolist() == [-1.0, 1.0, 0.0] and loss[2].tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k3_kl_is_finite_with_floored_logprobs(dtype):
+    from rntp.packing import LOGP_FLOOR
+
+    # policy floored (reference not): delta = 9998 would give exp -> inf; reference floored: delta = -9998
+    p = torch.tensor([LOGP_FLOOR, -2.0, -1.0], dtype=dtype, requires_grad=True)
+    q = torch.tensor([-2.0, LOGP_FLOOR, -1.5], dtype=dtype)
+    kl = grpo.k3_kl(p, q)
+    kl.sum().backward()
+    kl = kl.detach()
+    assert torch.isfinite(kl).all() and torch.isfinite(p.grad).all() and (kl >= 0).all()
+    # the reference floored: exp(-9998) = 0, so k3 = 9998 - 1 and d/dp = 1 - exp(q - p) = 1, exactly as unbounded
+    assert float(kl[1]) == pytest.approx(-LOGP_FLOOR - 2.0 - 1) and float(p.grad[1]) == pytest.approx(1.0)
+    # an ordinary token is untouched
+    assert float(kl[2]) == pytest.approx(math.exp(-0.5) + 0.5 - 1, rel=1e-6)
+    assert float(p.grad[2]) == pytest.approx(1 - math.exp(-0.5), rel=1e-6)
