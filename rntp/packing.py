@@ -43,7 +43,12 @@ def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
     """log p of `ids` under the distribution the sampler draws from: logits divided by the
     temperature, then restricted to the top-p nucleus (the most likely tokens, kept while the mass
     above them is below `top_p`) and renormalised, as vLLM and transformers sample. A token outside
-    the nucleus has probability 0; its log-prob is floored at LOGP_FLOOR to keep ratios finite."""
+    the nucleus has probability 0; its log-prob is floored at LOGP_FLOOR to keep ratios finite.
+
+    The masked logits never go to TRL's `selective_log_softmax`: on CUDA/XPU it runs a fused kernel
+    whose online softmax starts its running max at -inf over 1024-id blocks, so a nucleus with no id
+    in the first block gives exp(-inf - -inf) = NaN. torch's logsumexp handles -inf entries exactly
+    (the same gather minus logsumexp TRL computes on CPU, so CPU results are unchanged)."""
     if temperature != 1.0:
         logits = logits / temperature
     if top_p < 1.0:
@@ -51,8 +56,9 @@ def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
         mass_above = probs.cumsum(-1) - probs
         outside = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, mass_above >= top_p)
         logits = logits.masked_fill(outside, float("-inf"))
-        return selective_log_softmax(logits, ids).clamp(min=LOGP_FLOOR)
-    return selective_log_softmax(logits, ids)
+        picked = logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return (picked - torch.logsumexp(logits, -1)).clamp(min=LOGP_FLOOR)
+    return selective_log_softmax(logits, ids)  # finite logits: TRL's kernel is exact there
 
 
 
