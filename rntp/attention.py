@@ -67,15 +67,15 @@ class PackLayout:
         return total
 
     def computed_pairs(self) -> int:
-        """(query, key) pairs the `blocks` path multiplies: its trunks causally, each position's
-        branches padded to the longest, over all the keys they may see (the self part's upper
-        triangle included, as the lower-right bias is applied to a full block)."""
+        """(query, key) pairs the `blocks` path computes with kernels that skip tiles above the causal
+        diagonal (flash on GPUs): the minimum plus the padding of each position's branches to the
+        longest of them."""
         total = 0
         for row in self.rows:
             total += row.trunk * (row.trunk + 1) // 2
             for g in row.groups:
                 longest = max(b.length for b in g)
-                total += len(g) * longest * (g[0].limit + longest)
+                total += len(g) * (longest * g[0].limit + longest * (longest + 1) // 2)
         return total
 
     def dense_pairs(self) -> int:
@@ -198,8 +198,11 @@ class PackAttention:
             self.mask = layout.dense_mask(device)[:, None]
 
     def __call__(self, module, query, key, value, **kwargs):
-        if kwargs.get("sliding_window"):
+        window = kwargs.get("sliding_window")
+        if window and window < self.layout.width:  # a window no sequence reaches changes nothing
             raise ValueError("packed attention does not implement sliding windows (refused at start-up)")
+        if kwargs.get("softcap") and self.kind != "flex":  # Gemma 2's attention-score soft-capping
+            raise ValueError("attention soft-capping needs train.attention=flex (refused at start-up)")
         if self.kind == "blocks":
             dropout = kwargs.get("dropout", 0.0) if module.training else 0.0
             return block_attention(query, key, value, self.layout, scale=kwargs.get("scaling"), dropout=dropout), None
@@ -244,6 +247,27 @@ def _register() -> None:
 
     AttentionInterface.register(NAME, packed_attention)
     AttentionMaskInterface.register(NAME, sdpa_mask)  # ordinary forwards get SDPA's masks
+
+
+def unsupported(config, *, kind: str, device_type: str, longest_sequence: int) -> str | None:
+    """Why a model (its transformers config) or device cannot take the structured path, or None; checked
+    at start-up, before any weights load."""
+    if kind == "flex" and device_type != "cuda":
+        return (f"train.attention=flex needs CUDA (FlexAttention has no backward on {device_type}); "
+                "use train.attention=blocks")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    layer_types = getattr(text, "layer_types", None) or []
+    windowed = "sliding_attention" in layer_types or (window and getattr(text, "use_sliding_window", True)
+                                                      and not layer_types)
+    if getattr(text, "attn_logit_softcapping", None) and kind != "flex":
+        return (f"{type(config).__name__} soft-caps attention scores, which only train.attention=flex "
+                "computes (CUDA)")
+    if windowed and window and window < longest_sequence:
+        return (f"{type(config).__name__}: sliding-window attention ({window} tokens) is not implemented by "
+                f"RNTP's packed attention, and runs reach {longest_sequence} tokens; shorten data.chunk_tokens "
+                "and rollout.max_thought_tokens below the window or use a model without one")
+    return None
 
 
 def install(model) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -230,14 +231,19 @@ class ChunkedLogProbs(torch.nn.Module):
     hooks, FSDP2's unsharded root parameters) see an ordinary call of it."""
 
     def __init__(self, head: torch.nn.Module, where: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor,
-                 sampled: torch.Tensor, temperature: float, top_p: float, extras: bool, chunk: int):
+                 sampled: torch.Tensor, temperature: float, top_p: float, extras: bool, chunk: int,
+                 post: Callable[[torch.Tensor], torch.Tensor] | None = None):
         super().__init__()
         self.head, self.where, self.chunk, self.extras = head, where, chunk, extras
         self.labels, self.sampled, self.temperature, self.top_p = labels, sampled, temperature, top_p
+        self.post = post or (lambda logits: logits)  # the model's own logit scaling or soft-capping
         self.argmax = self.entropy = None
 
+    def _project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.post(_at_least_fp32(self.head(hidden)))
+
     def _logp(self, hidden: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
-        return self._from_logits(_at_least_fp32(self.head(hidden)), labels, sampled)
+        return self._from_logits(self._project(hidden), labels, sampled)
 
     def _from_logits(self, logits: torch.Tensor, labels: torch.Tensor, sampled: torch.Tensor) -> torch.Tensor:
         plain = torch.log_softmax(logits, -1).gather(-1, labels[:, None])[:, 0]
@@ -254,7 +260,7 @@ class ChunkedLogProbs(torch.nn.Module):
                 out.append(checkpoint(self._logp, hidden[part], self.labels[part], self.sampled[part],
                                       use_reentrant=False))
                 continue
-            logits = _at_least_fp32(self.head(hidden[part]))  # scoring: one projection serves all reads
+            logits = self._project(hidden[part])  # scoring: one projection serves all reads
             out.append(self._from_logits(logits, self.labels[part], self.sampled[part]))
             if self.extras:
                 argmax.append(logits.argmax(-1))
@@ -283,6 +289,43 @@ def _head_swapped(model, head: torch.nn.Module):
         inner.set_output_embeddings(original)
 
 
+@contextlib.contextmanager
+def _logit_processing_moved_to_head(inner):
+    """Models whose forward transforms what the output layer returns (Granite divides by
+    `logits_scaling`, Cohere multiplies by `logit_scale`, Gemma 2/3 soft-cap at
+    `final_logit_softcapping`) would apply it to the chunked head's log-probs. For one packed forward
+    that step is switched off and handed to the head, which applies it to logits before the softmax.
+    Other models that do something of the kind are caught by `check_packed_forward` at start-up."""
+    config, steps, undo = inner.config, [], []
+
+    def switch(owner, name, neutral):
+        value = getattr(owner, name)
+        setattr(owner, name, neutral)
+        undo.append(lambda: setattr(owner, name, value))
+        return value
+
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):
+        scaling = switch(config, "logits_scaling", 1.0)
+        steps.append(lambda x: x / scaling)
+    if isinstance(getattr(inner, "logit_scale", None), (int, float)) and inner.logit_scale != 1:
+        scale = switch(inner, "logit_scale", 1.0)
+        steps.append(lambda x: x * scale)
+    if getattr(config, "final_logit_softcapping", None):
+        cap = switch(config, "final_logit_softcapping", None)
+        steps.append(lambda x: torch.tanh(x / cap) * cap)
+
+    def post(logits):
+        for step in steps:
+            logits = step(logits)
+        return logits
+
+    try:
+        yield post
+    finally:
+        for restore in undo:
+            restore()
+
+
 @dataclass
 class PackedLogProbs:
     logp: torch.Tensor  # [reads] log-probs at the pack's reads (carries grad in the update)
@@ -302,12 +345,45 @@ def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float
     ids, pos = pack.tensors(device)
     structure = PackAttention(pack.layout(), attention, device)
     where = (torch.tensor(pack.read_row, device=device), torch.tensor(pack.read_col, device=device))
-    head = ChunkedLogProbs(inner.get_output_embeddings(), where, torch.tensor(pack.labels, device=device),
-                           torch.tensor(pack.sampled, device=device), temperature, top_p, extras, chunk)
     # a 4-D placeholder mask: transformers then builds none (the structure travels as `rntp_pack`)
     placeholder = torch.ones(ids.shape[0], 1, 1, 1, dtype=torch.bool, device=device)
-    with _head_swapped(model, head), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        # logits_to_keep=0: the head gets every hidden state and projects only the reads
-        out = model(input_ids=ids, attention_mask=placeholder, position_ids=pos, logits_to_keep=0, use_cache=False,
-                    rntp_pack=structure)
+    with _logit_processing_moved_to_head(inner) as post:
+        head = ChunkedLogProbs(inner.get_output_embeddings(), where, torch.tensor(pack.labels, device=device),
+                               torch.tensor(pack.sampled, device=device), temperature, top_p, extras, chunk, post)
+        with _head_swapped(model, head), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            # logits_to_keep=0: the head gets every hidden state and projects only the reads
+            out = model(input_ids=ids, attention_mask=placeholder, position_ids=pos, logits_to_keep=0,
+                        use_cache=False, rntp_pack=structure)
     return PackedLogProbs(out.logits, head.argmax, head.entropy)
+
+
+@torch.no_grad()
+def check_packed_forward(model, *, attention: str = "blocks", autocast: bool = False) -> None:
+    """Start-up self-check: one small pack (a context, two thoughts, their targets) through the packed
+    forward against plain forwards of the same sequences. A model whose attention ignores the pack's
+    structure (its own attention code) or whose head does more than `_logit_processing_moved_to_head`
+    knows gives other log-probs; it is refused in one line rather than trained on wrong rewards."""
+    inner = getattr(model, "module", model)
+    vocab = inner.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (40,), generator=gen).tolist()
+    context, target = ids[:20], ids[30:34]
+    rollouts = [Rollout(0, context + ids[20:21], ids[21:21 + n], n_sampled=n, closed=True) for n in (6, 9)]
+    (_, pack), = build_packs([context], rollouts, [target], micro_batch=2, no_think=True)
+    packed = packed_logprobs(model, pack, attention=attention, autocast=autocast).logp.float()
+    device = next(inner.parameters()).device
+    worst = 0.0
+    for i, r in enumerate(rollouts):
+        seq = r.prompt_ids + r.thought_ids + target
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[0].float()
+        plain = torch.log_softmax(logits, -1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
+        first = len(r.prompt_ids) - 1
+        expect = torch.cat([plain[first : first + r.n_sampled], plain[-len(target):]])
+        got = torch.cat([packed[pack.thoughts[i]], packed[pack.targets[i]]])
+        worst = max(worst, float((got - expect.to(got.device)).abs().max()))
+    exact = next(inner.parameters()).dtype != torch.bfloat16 and not autocast
+    if worst > (1e-3 if exact else 0.1):
+        raise ValueError(f"{type(inner).__name__}: packed log-probs differ from a plain forward by {worst:.3g} "
+                         "(its attention or output head does something RNTP's packed forward does not); "
+                         "this model is not supported")
