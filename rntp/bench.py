@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"peak memory: {max(r['memory/peak_gb'] for r in rows):.2f} GB")
     mismatch(args, cfg, rows, step)
     shared_prefix(cfg, args.steps)
+    long_thoughts(cfg)
     sampler_ratio(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
@@ -152,7 +153,123 @@ def synthetic_batch(vocab: int, chunk: int, group: int, thought: int, horizon: i
             "mean_context": sum(map(len, contexts)) / len(contexts)}
 
 
-def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int) -> tuple[float, float, int]:
+def narrow_qwen3(vocab: int = 4096, layers: int = 4):
+    """A random model of Qwen3's architecture (grouped-query attention, q/k norms), narrow enough that
+    sequences of thousands of tokens train on 2 cores: 4 layers, width 256, 4 heads of 64, 2 KV heads.
+    The small vocabulary keeps the output head's share of the work near a real model's (Qwen3-1.7B:
+    head ~0.2x the body per read token; here ~0.3x), since both paths read the same tokens."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=vocab, hidden_size=256, intermediate_size=768, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=8192,
+                         tie_word_embeddings=True, attn_implementation="sdpa")
+    return Qwen3ForCausalLM(config).float()
+
+
+def long_thoughts(cfg: Config) -> None:
+    """RLP-like lengths on a narrow model: the update and scoring of one position with G=8 thoughts of
+    full length, by the three attention paths (structured blocks, the dense [W, W] mask, one context
+    per thought), with attention FLOPs against the block-causal minimum; then micro-batch 2 against 8.
+    One measurement each (a warm-up first): minutes, not a precise timing. Runs in a child process
+    whose malloc returns every freed block of 64 KB or more to the system, so that resident memory
+    (the CPU's peak-memory figure) follows live tensors rather than what earlier cases left cached."""
+    import subprocess
+    import sys
+
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
+        code = (f"from rntp.bench import long_thoughts; from rntp.config import load_config; "
+                f"long_thoughts(load_config(None, ['model.name_or_path={cfg.model.name_or_path}']))")
+        subprocess.run([sys.executable, "-c", code], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                       check=True)
+        return
+    from rntp.packing import build_packs
+
+    policy = narrow_qwen3()
+    layers, heads, head_dim = policy.config.num_hidden_layers, 4, 64
+    per_pair = 4 * layers * heads * head_dim  # QK^T and PV, forward, per (query, key) pair
+    horizon, group = 32, 8
+    print(f"\n== long thoughts: narrow Qwen3 ({layers} layers, width 256, GQA 4/2, vocab 4096), G={group}, "
+          f"H={horizon}, one position, thoughts of full length ==")
+    time_update(policy, cfg, long_batch(256, 64, group, horizon, policy.config.vocab_size), True, 8)  # warm-up
+    for context, thought in ((1024, 1024), (2048, 512)):
+        batch = long_batch(context, thought, group, horizon, policy.config.vocab_size)
+        (_, pack), = build_packs(batch["contexts"], batch["rollouts"], batch["targets"], micro_batch=group,
+                                 no_think=True)
+        layout = pack.layout()
+        minimum = per_pair * layout.pairs()
+        print(f"C={context}, T={thought} (pack {layout.width} tokens wide; block-causal minimum "
+              f"{minimum / 1e9:.2f} GFLOP of attention forward):")
+        rows = {}
+        for label, shared, attention in (("blocks", True, "blocks"), ("dense mask", True, "dense"),
+                                         ("unshared", False, "blocks")):
+            update_s, peak, tokens = time_update(policy, cfg, batch, shared, group, attention)
+            t = time.perf_counter()
+            score_once(policy, batch, shared, group, attention)
+            score_s = time.perf_counter() - t
+            counted = attention_flops(policy, batch, shared, group, attention)
+            rows[label] = update_s, peak
+            print(f"  {label:>10}: update {update_s:6.2f} s  scoring {score_s:5.2f} s  peak +{peak:5.2f} GB  "
+                  f"{tokens} tokens  attention {counted / 1e9:7.2f} GFLOP counted = {counted / minimum:.2f}x minimum")
+        print(f"  blocks / unshared: update {rows['blocks'][0] / rows['unshared'][0]:.2f}x time, "
+              f"{rows['blocks'][1] / max(rows['unshared'][1], 1e-9):.2f}x memory; blocks / dense: "
+              f"{rows['blocks'][0] / rows['dense mask'][0]:.2f}x time, "
+              f"{rows['blocks'][1] / max(rows['dense mask'][1], 1e-9):.2f}x memory")
+        print(f"  (with tile-skipping causal kernels, as on GPUs, the blocks path computes "
+              f"{layout.computed_pairs() / layout.pairs():.2f}x the minimum)")
+    batch = long_batch(1024, 1024, group, horizon, policy.config.vocab_size)
+    peaks = {mb: time_update(policy, cfg, batch, True, mb)[1] for mb in (8, 2)}
+    print(f"micro-batch 2 vs 8 at C=1024, T=1024 (blocks): peak +{peaks[2]:.2f} GB vs +{peaks[8]:.2f} GB "
+          f"({peaks[2] / max(peaks[8], 1e-9):.2f}x)")
+
+
+def long_batch(context: int, thought: int, group: int, horizon: int, vocab: int) -> dict:
+    """One position after `context` random tokens, `group` thoughts of exactly `thought` sampled tokens
+    (the close tag appended: truncated), ids that exist in `vocab`."""
+    import torch
+
+    from rollout import Rollout
+
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, vocab, (context + horizon,), generator=gen).tolist()
+    rollouts = [Rollout(0, ids[:context] + [3], torch.randint(10, vocab, (thought,), generator=gen).tolist() + [4],
+                        thought, False) for _ in range(group)]
+    return {"contexts": [ids[:context]], "targets": [ids[context:]], "rollouts": rollouts}
+
+
+def score_once(policy, batch: dict, shared: bool, micro_batch: int, attention: str) -> None:
+    from rntp.scoring import score_groups
+
+    score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
+                 micro_batch=micro_batch, shared=shared, attention=attention)
+    policy.train()
+
+
+def attention_flops(policy, batch: dict, shared: bool, micro_batch: int, attention: str) -> int:
+    """Attention FLOPs of one scoring forward, counted by `torch.utils.flop_counter` with SDPA's math
+    kernel (its CPU flash kernel has no FLOP formula): every (query, key) pair in the tensors
+    multiplied, masked or not, which is what a kernel without tile skipping executes."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rntp.packing import build_packs, packed_logprobs
+
+    packs = build_packs(batch["contexts"], batch["rollouts"], batch["targets"], micro_batch=micro_batch,
+                        shared=shared, no_think=True)
+    with torch.no_grad():
+        packed_logprobs(policy, packs[0][1], attention=attention)  # causal biases made outside the counter
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            for _, pack in packs:
+                packed_logprobs(policy, pack, attention=attention)
+    # attention alone: the products of [.., q, d] x [.., d, k] and [.., q, k] x [.., k, d]; the model's
+    # linear layers are 2-D matmuls and the head runs on read tokens, so 4-D batched products are attention
+    return sum(f for op, f in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
+
+
+def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int,
+                attention: str = "blocks") -> tuple[float, float, int]:
     """One optimizer step of the update on `batch`: seconds, peak memory above the start (GB), and
     tokens forwarded. The weights are restored afterwards, so every call sees the same model."""
     import copy
@@ -166,10 +283,11 @@ def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int) -> tup
     from rntp.train import update_policy
 
     run = load_config(None, [f"model.name_or_path={cfg.model.name_or_path}", f"train.micro_batch={micro_batch}",
-                             f"train.shared_prefix={str(shared).lower()}", "optim.lr=1e-6"])
+                             f"train.shared_prefix={str(shared).lower()}", "optim.lr=1e-6",
+                             f"train.attention={attention}"])
     saved = copy.deepcopy(policy.state_dict())
     scored = score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
-                          micro_batch=micro_batch)
+                          micro_batch=micro_batch, attention=attention)
     advantages = torch.randn(len(batch["rollouts"]), generator=torch.Generator().manual_seed(1))
     engine = make_engine(policy.train(), run, DistInfo(device=next(policy.parameters()).device), 1, total_steps=1)
     keep = torch.ones(len(batch["rollouts"]), dtype=torch.bool)
