@@ -63,7 +63,8 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
     the world size because every backend averages gradients across ranks. Where the engine asks for
     `fixed_passes` (several ranks, DeepSpeed's accumulation), every rank runs exactly that many
-    forward/backward passes per optimizer step, padding with a pack whose loss is masked.
+    forward/backward passes per optimizer step, padding with a pack whose loss is masked. Each pass
+    runs in `engine.micro_pass`, told whether it is the step's last, so DDP all-reduces once a step.
     """
     g = cfg.grpo
     device, world = engine.info.device, engine.info.world_size
@@ -89,43 +90,46 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     packed_tokens, grad_norm = 0, float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
-            # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
-            rows, pack = packs[m] if m < len(packs) else stand_in
-            live = keep[rows] & (m < len(packs))
-            packed_tokens += pack.tokens
-            out = packed_logprobs(engine.model, pack, **sampling)
-            logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
-            target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
-            thought_mask = thought_mask & live[:, None].to(device)
-            mask = thought_mask.float()
-            old = logp.detach() if g.epochs == 1 else old_logp[rows].to(device)
-            tok_loss, clipped = grpo.clipped_surrogate(logp, old, advantages[rows].to(device), g.clip_low, g.clip_high)
-            if behaviour is not None:
-                weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
-                                                            g.mismatch_correction, g.is_cap, g.is_band)
-                tok_loss = tok_loss * weight
-                stats[5] += float(weight.sum())
-                stats[6] += float(corrected.sum())
-            loss = grpo.aggregate(tok_loss, mask, norm)
-            stats[0] += loss.item()
-            if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
-                with torch.no_grad():
-                    ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,
-                                          [pack.thoughts[i] for i in rows], width)
-                kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
-                loss = loss + g.kl_coef * kl
-                stats[2] += kl.item()
-            if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
-                loss = loss + g.nll_coef * nll
-                stats[1] += nll.item()
-            if g.no_think_nll_coef > 0:  # the same continuations without a thought, read on the trunk
-                plain_logp, _ = per_row(out.logp, [pack.no_think[p] for p in sorted(pack.no_think)], horizon)
-                plain_nll = -plain_logp.sum() * float(m < len(packs)) / max(plain_tokens, 1)
-                loss = loss + g.no_think_nll_coef * plain_nll
-                stats[3] += plain_nll.item()
-            engine.backward(loss * world)
-            stats[4] += float((clipped & thought_mask).sum())
+            # all-reduce once per optimizer step: the backend may accumulate the others locally
+            with engine.micro_pass(last=m == passes - 1):
+                # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
+                rows, pack = packs[m] if m < len(packs) else stand_in
+                live = keep[rows] & (m < len(packs))
+                packed_tokens += pack.tokens
+                out = packed_logprobs(engine.model, pack, **sampling)
+                logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
+                target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
+                thought_mask = thought_mask & live[:, None].to(device)
+                mask = thought_mask.float()
+                old = logp.detach() if g.epochs == 1 else old_logp[rows].to(device)
+                tok_loss, clipped = grpo.clipped_surrogate(logp, old, advantages[rows].to(device), g.clip_low,
+                                                           g.clip_high)
+                if behaviour is not None:
+                    weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
+                                                                g.mismatch_correction, g.is_cap, g.is_band)
+                    tok_loss = tok_loss * weight
+                    stats[5] += float(weight.sum())
+                    stats[6] += float(corrected.sum())
+                loss = grpo.aggregate(tok_loss, mask, norm)
+                stats[0] += loss.item()
+                if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
+                    with torch.no_grad():
+                        ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,
+                                              [pack.thoughts[i] for i in rows], width)
+                    kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
+                    loss = loss + g.kl_coef * kl
+                    stats[2] += kl.item()
+                if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
+                    nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
+                    loss = loss + g.nll_coef * nll
+                    stats[1] += nll.item()
+                if g.no_think_nll_coef > 0:  # the same continuations without a thought, read on the trunk
+                    plain_logp, _ = per_row(out.logp, [pack.no_think[p] for p in sorted(pack.no_think)], horizon)
+                    plain_nll = -plain_logp.sum() * float(m < len(packs)) / max(plain_tokens, 1)
+                    loss = loss + g.no_think_nll_coef * plain_nll
+                    stats[3] += plain_nll.item()
+                engine.backward(loss * world)
+                stats[4] += float((clipped & thought_mask).sum())
         grad_norm = engine.step()
     policy_loss, nll, kl, plain_nll, clipped, weights, corrected = all_reduce_sum(
         (stats / torch.tensor([g.epochs] * 4 + [1.0] * 3)).tolist())

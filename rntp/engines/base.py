@@ -7,6 +7,7 @@ globally normalised loss by the world size (see `rntp.train.update_policy`).
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterator
@@ -24,7 +25,8 @@ class Engine(ABC):
 
     - `model`: call it for forward passes.
     - `backward(loss)` per micro-batch, then `step()` once per optimizer step (returns grad norm),
-      then `step_scheduler()` once per training step.
+      then `step_scheduler()` once per training step. Each micro-batch's forward and backward run in
+      `micro_pass(last)`, `last` true for the one just before `step()`.
     - `fixed_passes`: how many forward/backward passes every rank must run per optimizer step, or
       None when a rank may run as many as its rows need (see `update_policy`).
     - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler.
@@ -54,6 +56,11 @@ class Engine(ABC):
         return self.passes if self.info.world_size > 1 else None
 
     # -- training --------------------------------------------------------------------------------
+    def micro_pass(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around one micro-batch's forward and backward; `last`: the optimizer step's last. A backend
+        that averages gradients in backward may skip that for all but the last (DDP's no_sync)."""
+        return contextlib.nullcontext()
+
     @abstractmethod
     def backward(self, loss: torch.Tensor) -> None: ...
 

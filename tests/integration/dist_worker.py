@@ -59,13 +59,34 @@ def step(args):
     keep = torch.ones(len(my_rollouts), dtype=torch.bool)
     # every rank runs the same number of passes where ranks (or DeepSpeed's accumulation) need it
     assert engine.fixed_passes == (passes if info.world_size > 1 or args.backend == "deepspeed" else None)
+    reduced = count_all_reduces(engine) if args.count_all_reduces else None
     stats = update_policy(engine, ref=None, contexts=[contexts[g] for g in mine], rollouts=my_rollouts,
                           targets=[targets[g] for g in mine], scored=scored, advantages=advantages, keep=keep, cfg=cfg)
     state = engine.full_state_dict()
     if info.rank == 0:
-        torch.save({"state": state, "stats": stats}, args.out)
+        torch.save({"state": state, "stats": stats, "passes": passes, "reduced": reduced}, args.out)
     engine.close()
     shutdown_distributed()
+
+
+def count_all_reduces(engine) -> list[int]:
+    """Record, for every bucket DDP all-reduces, the backward pass (counted from 0) it reduces in: a
+    comm hook doing what DDP does by default (allreduce_hook) and a count of `engine.backward` calls."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    reduced, passes, backward = [], [-1], engine.backward
+
+    def counted_backward(loss):
+        passes[0] += 1
+        backward(loss)
+
+    def hook(state, bucket):
+        reduced.append(passes[0])
+        return allreduce_hook(state, bucket)
+
+    engine.model.register_comm_hook(None, hook)
+    engine.backward = counted_backward
+    return reduced
 
 
 def worker_config(args):
@@ -168,6 +189,7 @@ if __name__ == "__main__":
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--aggregation", default="seq_mean")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--count-all-reduces", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     sys.exit({"step": step, "load": load, "ends": ends}[args.command](args))

@@ -65,6 +65,20 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(backend, zero, one
         torch.testing.assert_close(two["state"][name], ref, rtol=0, atol=1e-5, msg=name)
 
 
+def test_ddp_all_reduces_once_per_optimizer_step(one_process_step, tiny_model_dir, tmp_path):
+    """Gradients accumulate locally over a step's micro-passes (DDP's no_sync) and are all-reduced
+    once, in the last backward; the step equals a one-process step all the same."""
+    out = tmp_path / "two.pt"
+    torchrun(WORKER, "step", "--model", str(tiny_model_dir), "--backend", "ddp", "--count-all-reduces",
+             "--out", str(out))
+    two = torch.load(out)
+    assert two["passes"] > 1 and two["reduced"]  # several micro-passes, and some buckets reduced
+    assert set(two["reduced"]) == {two["passes"] - 1}, two["reduced"]  # every reduction in the last pass
+    assert two["stats"]["optim/grad_norm"] == pytest.approx(one_process_step["stats"]["optim/grad_norm"], rel=1e-5)
+    for name, ref in one_process_step["state"].items():
+        torch.testing.assert_close(two["state"][name], ref, rtol=0, atol=1e-5, msg=name)
+
+
 def train_args(tiny_model_dir, corpus_file, run_dir, *extra):
     return ["-m", "rntp", "train", f"model.name_or_path={tiny_model_dir}", f"data.source={corpus_file}",
             "data.chunk_tokens=64", "data.min_context=16", "data.horizon=4", "rollout.group_size=4",
