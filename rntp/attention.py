@@ -22,11 +22,13 @@ the `rntp_pack` keyword that `packing.packed_logprobs` passes down the model and
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 KINDS = ("blocks", "flex", "dense")
@@ -160,6 +162,21 @@ def block_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         dtype = torch.get_autocast_dtype(kind)  # before autocast sees the call)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     gqa = query.shape[1] != key.shape[1]
+    with _known_good_kernels(query.device):
+        return _block_attention(query, key, value, layout, scale, dropout, gqa)
+
+
+# cuDNN's SDPA backward gives NaN grad_q when a mask tensor is passed and the length is 64 mod 128
+# (pytorch/pytorch#196678, huggingface/trl#7181; H100/H200, the default backend since torch 2.11):
+# packed attention runs on flash or memory-efficient kernels only (the math one as the last resort).
+_KERNELS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _known_good_kernels(device: torch.device):
+    return sdpa_kernel(_KERNELS) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def _block_attention(query, key, value, layout, scale, dropout, gqa) -> torch.Tensor:
     rows = []
     for r, (trunk, groups) in enumerate(layout.index(query.device)):
         q, k, v = query[r], key[r], value[r]  # [H, W, d]
@@ -212,7 +229,8 @@ class PackAttention:
             return flex_attention_forward(module, query, key, value, self.mask, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, self.mask, **kwargs)
+        with _known_good_kernels(query.device):
+            return sdpa_attention_forward(module, query, key, value, self.mask, **kwargs)
 
 
 def flex_block_mask(layout: PackLayout, device):
