@@ -23,10 +23,11 @@ import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
+from transformers import AutoConfig
 
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rntp import grpo, stopping
+from rntp import attention, grpo, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
@@ -36,7 +37,7 @@ from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_tokenizer, load_trainable
-from rntp.packing import build_packs, packed_logprobs, packs_per_step
+from rntp.packing import build_packs, check_packed_forward, packed_logprobs, packs_per_step
 from rntp.prepare import resolve_model_path
 from rntp.think_tokens import base_model_path, run_tokenizer
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
@@ -339,6 +340,13 @@ def start_run(cfg: Config) -> Run:
     problems = [p for p in all_gather_object(stream.problem()) if p]
     if problems:  # every rank stops, not only the one without data
         raise ValueError(problems[0])
+    # what the packed forward cannot compute for this model or device is named before weights load
+    reason = attention.unsupported(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
+                                                              trust_remote_code=cfg.model.trust_remote_code),
+                                   kind=cfg.train.attention, device_type=info.device.type,
+                                   longest_sequence=max_sequence_len(cfg, tags) + cfg.data.horizon)
+    if reason:
+        raise ValueError(reason)
     # rank 0 makes the tagged copy of the model where one is needed; the others then find it (or make
     # their own, on a node that does not share RNTP_HOME)
     base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
@@ -359,6 +367,9 @@ def start_run(cfg: Config) -> Run:
 
     # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
     engine = make_engine(policy, cfg, info, passes, cfg.train.steps)
+    engine.train(False)  # one small pack against plain forwards: a model the packed path gets wrong stops here
+    check_packed_forward(engine.model, attention=cfg.train.attention, autocast=cfg.model.autocast_bf16)
+    engine.train(True)
     evalset = None
     if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path

@@ -287,6 +287,7 @@ def test_bad_paths_models_and_values_are_one_line_before_any_model_loads(
         ([f"data.source={tmp_path / 'short.jsonl'}"], ["yields no usable positions"]),
         (["train.steps=true"], ["train.steps"]),
         (["optim.betas=[0.9, 1.2]"], ["optim.betas"]),
+        (["train.attention=flex"], ["train.attention=flex needs CUDA"]),
     ]
     for extra, needles in cases:
         assert main(args(*extra)) == 2, extra
