@@ -1,4 +1,4 @@
-"""`rntp` command line: train, serve, eval, sweep, compare, rewards, prepare-model, prepare-data."""
+"""`rntp` command line: train, plan, serve, eval, sweep, compare, rewards, prepare-model, prepare-data."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a policy (config file plus key.sub=value overrides)")
     p_train.add_argument("--config", help="YAML config file")
     p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=5 resume=runs/x")
+    p_plan = sub.add_parser("plan", help="memory per GPU and FLOPs per step of a config, by arithmetic (no weights)")
+    p_plan.add_argument("--config", help="YAML config file")
+    p_plan.add_argument("--gpus", type=int, default=8, help="training GPUs (default 8)")
+    p_plan.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU in GB (default 80)")
+    p_plan.add_argument("--model-shape", help="a built-in shape instead of the model's config.json, e.g. qwen3-1.7b")
+    p_plan.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p_plan.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.micro_batch=4")
     p_model = sub.add_parser("prepare-model", help="convert the offline default model (SmolLM2-135M) to HF format")
     p_model.add_argument("--force", action="store_true")
     p_data = sub.add_parser("prepare-data", help="build the offline default corpus (stdlib docstrings)")
@@ -66,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
             from rntp.train import train
 
             train(cfg)
+        elif args.command == "plan":
+            from rntp.plan import main as plan_main
+
+            print(plan_main(args.config, args.overrides, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb,
+                            model_shape=args.model_shape, as_json=args.json))
         elif args.command == "prepare-model":
             from rntp.prepare import prepare_model
 
