@@ -150,6 +150,10 @@ class RolloutConfig(Section):
     as added special tokens (`<think>` starts as the mean of its pieces, `</think>` as the full stop, so a
     thought can end in one draw; `rntp/think_tokens.py`); models that have them already (Qwen3, R1) are used
     as they are. `text`: the tags stay plain text (a small model then rarely closes a thought)."""
+    seed_requests: bool = True
+    """vLLM samplers: a seed on every request, so a run (and a resumed run) draws the same thoughts for
+    the same seed and weights. false lets vLLM sample from its engine generator: faster on GPUs (FlashInfer
+    sampling, no per-request loop), but a resumed run then draws other thoughts than an uninterrupted one."""
     check_sync_every: int = Field(0, ge=0)
     """After a weight push every N steps, compare the sampler's log-probs of one rollout with the trainer's
     (metric `sync/max_logprob_diff`); 0 = off. vLLM only."""

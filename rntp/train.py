@@ -424,7 +424,7 @@ def sample(run: Run, positions: list[Position], step: int) -> list[Rollout]:
     """1. G thoughts per position, seeded by run seed, step and rank."""
     r = run.cfg.rollout
     spec = SamplingSpec(r.group_size, r.max_thought_tokens, r.temperature, r.top_p,
-                        seed=(run.cfg.train.seed * 100_003 + step) * 1009 + run.info.rank)
+                        seed=(run.cfg.train.seed * 100_003 + step) * 1009 + run.info.rank, seeded=r.seed_requests)
     rollouts = run.sampler.sample([run.tags.prompt(p.context) for p in positions], spec)
     run.sampler.sleep()  # a colocated engine frees its accelerator memory for scoring and update
     return rollouts

@@ -18,6 +18,7 @@ class SamplingSpec:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int = 0  # with the same weights and seed, a sampler returns the same thoughts
+    seeded: bool = True  # vLLM: a seed on every request (False: the engine's own generator; see thought_request)
 
 
 Bucket = list[tuple[str, torch.Tensor]]

@@ -30,9 +30,12 @@ def cpu_kv_cache_space(vllm_cfg: VllmConfig) -> str:
 def thought_request(spec: SamplingSpec, index: int, close_tag: str, close_ids: list[int] | None = None) -> dict:
     """vLLM's sampling fields for the `index`-th prompt of a call, the same in-process and over HTTP.
 
-    Seeds: vLLM seeds each sample's generator, and gives sample j of an n-sample request the seed
-    `seed + j` (vllm/v1/engine/parallel_sampling.py), so each prompt gets its own block of n seeds;
-    no two samples of a call share one (seed + 1 for the next prompt would repeat its sample 1).
+    Seeds (`spec.seeded`, `rollout.seed_requests`): vLLM seeds each sample's generator, and gives
+    sample j of an n-sample request the seed `seed + j` (vllm/v1/engine/parallel_sampling.py), so each
+    prompt gets its own block of n seeds; no two samples of a call share one (seed + 1 for the next
+    prompt would repeat its sample 1). A seeded
+    request costs throughput on GPUs: vLLM then skips FlashInfer's sampler and draws each seeded
+    request's noise in a Python loop at every decode step (vllm/v1/sample/ops/topk_topp_sampler.py).
     Sampling: only temperature and top_p shape it. The other fields are sent with vLLM's neutral
     values, since a server fills each field a request leaves unset from the model's
     generation_config.json (top_k, min_p, penalties), which would sample off-policy.
@@ -42,6 +45,6 @@ def thought_request(spec: SamplingSpec, index: int, close_tag: str, close_ids: l
     processed_logprobs mode, so these are the behaviour log-probs, after temperature and top-p)."""
     return dict(n=spec.n, max_tokens=spec.max_tokens, temperature=spec.temperature, top_p=spec.top_p, logprobs=0,
                 top_k=0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                seed=(spec.seed * 1_000_003 + index) * spec.n, stop=[close_tag], include_stop_str_in_output=True,
-                ignore_eos=True,
+                stop=[close_tag], include_stop_str_in_output=True, ignore_eos=True,
+                **({"seed": (spec.seed * 1_000_003 + index) * spec.n} if spec.seeded else {}),
                 **({"stop_token_ids": list(close_ids)} if close_ids and len(close_ids) == 1 else {}))

@@ -65,3 +65,9 @@ def test_a_close_tag_that_is_one_token_stops_by_its_id():
     assert added["stop_token_ids"] == [49153] and added["stop"] == ["</think>"]
     pieces = thought_request(SamplingSpec(n=2, max_tokens=8), 0, "</think>", [9617, 17400, 46])
     assert "stop_token_ids" not in pieces and pieces["stop"] == ["</think>"]
+
+
+def test_unseeded_requests_carry_no_seed():
+    """`rollout.seed_requests=false`: vLLM samples from its engine generator (FlashInfer on GPUs)."""
+    assert "seed" not in thought_request(SamplingSpec(n=4, max_tokens=8, seed=3, seeded=False), 0, "</think>")
+    assert "seed" in thought_request(SamplingSpec(n=4, max_tokens=8, seed=3), 0, "</think>")
