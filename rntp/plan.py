@@ -89,11 +89,13 @@ def builtin_shapes() -> dict[str, Shape]:
       num_key_value_heads 8, head_dim 128, intermediate_size 12288, vocab_size 151936,
       tie_word_embeddings false (Qwen/Qwen3-8B config.json, copied verbatim on the hub). 8.19 B.
     """
-    from rntp.gpu_check import SHAPES
+    from rntp.gpu_check import QWEN3_SHAPES, SHAPES
 
     shapes = {name: _qwen2(**numbers) for name, numbers in SHAPES.items()}
-    shapes["qwen3-1.7b"] = Shape(2048, 28, 16, 8, 128, 6144, 151936, tied=True, qk_norm=True)
-    shapes["qwen3-8b"] = Shape(4096, 36, 32, 8, 128, 12288, 151936, tied=False, qk_norm=True)
+    for name, n in QWEN3_SHAPES.items():
+        shapes[name] = Shape(n["hidden_size"], n["num_hidden_layers"], n["num_attention_heads"],
+                             n["num_key_value_heads"], n["head_dim"], n["intermediate_size"], n["vocab_size"],
+                             tied=n["tie_word_embeddings"], qk_norm=True)
     return shapes
 
 

@@ -88,7 +88,7 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16,
                     attention=cfg.train.attention)
     stats = torch.zeros(7, dtype=torch.float64)  # policy loss, nll, kl, no-think nll, clipped, IS weights, corrected
-    packed_tokens, grad_norm = 0, float("nan")
+    packed_tokens, read_tokens, attention_pairs, grad_norm = 0, 0, 0, float("nan")
     for _ in range(g.epochs):
         for m in range(passes):
             # all-reduce once per optimizer step: the backend may accumulate the others locally
@@ -96,7 +96,9 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
                 # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
                 rows, pack = packs[m] if m < len(packs) else stand_in
                 live = keep[rows] & (m < len(packs))
-                packed_tokens += pack.tokens
+                packed_tokens += pack.tokens  # what was computed, for FLOPs (rntp.gpu_check's MFU)
+                read_tokens += len(pack.labels)
+                attention_pairs += pack.layout().pairs()
                 out = packed_logprobs(engine.model, pack, **sampling)
                 logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
                 target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
@@ -136,7 +138,8 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
         (stats / torch.tensor([g.epochs] * 4 + [1.0] * 3)).tolist())
     passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
     out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
-           "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens}
+           "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens, "update/read_tokens": read_tokens,
+           "update/attention_pairs": attention_pairs}
     if behaviour is not None:
         out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
