@@ -209,6 +209,10 @@ class GRPOConfig(Section):
     loss_aggregation: Literal["seq_mean", "token_mean", "token_sum"] = "seq_mean"
     """`seq_mean`: GRPO (mean per thought, then over thoughts); `token_mean`: DAPO (over all thought tokens);
     `token_sum`: Dr. GRPO (sum over tokens / (thoughts x max_thought_tokens))."""
+    pg_coef: float = Field(1.0, ge=0)
+    """Weight of the clipped policy-gradient surrogate. 0 is the ablation's control: the same sampling,
+    scoring and next-token terms (`nll_coef` after the sampled thoughts, `no_think_nll_coef`) and the KL
+    term, but no gradient from the rewards, so a design's gain over it is what the rewards teach."""
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = off")
     nll_coef: float = Field(0.0, ge=0)
     """Weight of the next-token loss on the true continuation after each thought (Quiet-STaR trains it too):

@@ -59,7 +59,8 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     With one epoch the ratio's old log-probs are the update forward's own (detached), so the first
     ratio is exactly 1 whatever scoring's code path and precision gave; with several, scoring's
     anchor every pass. The sampler's log-probs (`scored.behaviour_logprobs`) turn on the mismatch
-    correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss.
+    correction `cfg.grpo.mismatch_correction`: importance weights on each token's loss. The surrogate
+    is weighted by `cfg.grpo.pg_coef` (0: the ablation's control, next-token and KL terms only).
 
     The loss is normalised over the global batch (all ranks), and each rank's share is scaled by
     the world size because every backend averages gradients across ranks. Where the engine asks for
@@ -113,8 +114,9 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
                     tok_loss = tok_loss * weight
                     stats[5] += float(weight.sum())
                     stats[6] += float(corrected.sum())
-                loss = grpo.aggregate(tok_loss, mask, norm)
-                stats[0] += loss.item()
+                surrogate = grpo.aggregate(tok_loss, mask, norm)
+                stats[0] += surrogate.item()  # logged unweighted, as the other terms are
+                loss = g.pg_coef * surrogate  # grpo.pg_coef=0: the control, no policy gradient
                 if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
                     with torch.no_grad():
                         ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,

@@ -182,3 +182,49 @@ def test_the_no_think_term_is_the_plain_language_model_loss_on_kept_positions(ti
     for name, p in model64.named_parameters():  # the update reads log-probs out in float32 (`per_row`)
         assert p.grad.abs().max() > 0, name
         assert ((seen[name] - p.grad).abs().max() / p.grad.abs().max()) < 1e-6, name
+
+
+@pytest.mark.parametrize("pg_coef", [0.0, 0.5, 1.0])
+def test_pg_coef_weighs_only_the_policy_gradient(pg_coef, tiny_model_dir):
+    """`grpo.pg_coef` scales the clipped surrogate and nothing else: with nonzero advantages and both
+    next-token terms on, the step's gradients equal pg_coef x the surrogate's plus the nll and no-think
+    terms', each computed here independently (unpadded float64 forwards). pg_coef=0 (the ablation's
+    control) leaves exactly the next-token terms; 1 is the surrogate as before the coefficient existed."""
+    from rntp.config import load_config
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
+    from rntp.scoring import score_groups
+    from rntp.train import update_policy
+    from tests.integration.test_packing import chunk_positions, load64
+    from tests.integration.test_packing import reference as reference_logprobs
+
+    contexts, rollouts, targets = chunk_positions()
+    advantages = torch.tensor([1.5, -0.5, 0.8, -1.2, 0.4, 2.0, -0.7, 0.3])  # nonzero, as a reward would give
+    cfg = load_config(None, ["train.micro_batch=6", "rollout.group_size=3", "train.positions_per_step=4",
+                             "grpo.nll_coef=0.3", "grpo.no_think_nll_coef=0.2", f"grpo.pg_coef={pg_coef}"])
+    model = load64(tiny_model_dir)
+    scored = score_groups(model.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=6)
+    engine = make_engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
+    seen = {}
+    step = engine.step
+    engine.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}) or step()
+    out = update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                        advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
+
+    model64 = load64(tiny_model_dir)
+    H, n = len(targets[0]), len(rollouts)
+    surrogate, nll = 0.0, 0.0
+    for a, r in zip(advantages.tolist(), rollouts):
+        seq = r.prompt_ids + r.thought_ids + targets[r.group]
+        if r.n_sampled:  # one epoch: ratio 1, so the surrogate's gradient is -A x that of the mean log-prob
+            surrogate = surrogate - a * reference_logprobs(model64, seq, len(r.prompt_ids), r.n_sampled).mean() / n
+        nll = nll - reference_logprobs(model64, seq, len(seq) - H, H).sum() / (n * H)
+    plain = sum(-reference_logprobs(model64, c + t, len(c), H).mean() for c, t in zip(contexts, targets)) / 4
+    (pg_coef * surrogate + 0.3 * nll + 0.2 * plain).backward()
+    # logged unweighted: at ratio 1 the surrogate's value is -mean A over the thoughts that have tokens
+    assert out["loss/policy"] == pytest.approx(-sum(a for a, r in zip(advantages.tolist(), rollouts) if r.n_sampled)
+                                               / n, rel=1e-6)
+    assert out["loss/nll"] == pytest.approx(float(nll.detach()), rel=1e-6)
+    for name, p in model64.named_parameters():
+        assert p.grad.abs().max() > 0, name
+        assert ((seen[name] - p.grad).abs().max() / p.grad.abs().max()) < 1e-6, name
