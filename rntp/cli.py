@@ -49,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--model", action="append", required=True,
                         help="a model folder, checkpoint, run folder (base + every checkpoint) or hub name; repeatable")
     p_eval.add_argument("--data", help="held-out data (same formats as training); default: eval.data / data.source")
-    p_eval.add_argument("--config", help="YAML config (data, rollout and eval sections are used)")
+    p_eval.add_argument("--config", help="YAML config (data, rollout and eval sections are used); default: the "
+                        "first run folder's or checkpoint's own config")
     p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
     p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
     p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
@@ -89,12 +90,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "eval":
             from pathlib import Path
 
-            from rntp.config import load_config
+            from rntp.evaluate import eval_config, run_eval
 
             overrides = list(args.overrides) + ([f"eval.data={args.data}"] if args.data else [])
-            cfg = load_config(args.config, overrides)
-            from rntp.evaluate import run_eval
-
+            cfg, source = eval_config(args.model, args.config, overrides)  # --config, else the run's own
+            print(f"config: {source}", flush=True)
             out = Path(args.out) if args.out else Path(args.model[0]) / "eval"
             if not args.out and not Path(args.model[0]).is_dir():
                 out = Path("runs") / "eval"

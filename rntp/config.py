@@ -77,6 +77,10 @@ class DataConfig(Section):
     horizon: int = Field(16, ge=1, description="H: target tokens scored after each thought")
     max_docs: int | None = Field(None, ge=1)
     """Read at most this many documents (none = all)."""
+    heldout_fraction: float = Field(0.0, ge=0, lt=1)
+    """A held-out split carved from a corpus with one split (fineweb-edu): this share of `split`'s documents,
+    chosen by a hash of their text, is never trained on, and every other split (`eval.split`) reads exactly
+    them. 0 = off: other splits are the source's own."""
     seed: int = Field(0, ge=0)
     """Seed of the document shuffle and the position draws."""
 

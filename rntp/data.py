@@ -7,6 +7,7 @@ JSONL lines, undecodable bytes, empty documents and documents too short for one 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -110,9 +111,22 @@ def _local_files(path: Path) -> list[str]:
     return [str(p) for p in files]
 
 
+def heldout_document(text, fraction: float) -> bool:
+    """Whether a document falls in the `data.heldout_fraction` carve-out: the first 8 bytes of the
+    BLAKE2b digest of its UTF-8 text, read as a fraction of 2^64, lie below `fraction` (the same on
+    every machine and process, unlike Python's hash)."""
+    raw = text.encode("utf-8", errors="replace") if isinstance(text, str) else bytes(text or b"")
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "big") < fraction * 2**64
+
+
 def load_documents(cfg: DataConfig, stats: Counter, split: str | None = None):
-    """A `datasets.Dataset` (or `IterableDataset` when streaming) with a "text" column."""
+    """A `datasets.Dataset` (or `IterableDataset` when streaming) with a "text" column. With
+    `cfg.heldout_fraction` > 0, `cfg.split` without its carve-out, or any other split: the carve-out."""
     split = split or cfg.split
+    if cfg.heldout_fraction > 0:
+        heldout = split != cfg.split
+        ds = load_documents(cfg.model_copy(update={"heldout_fraction": 0.0}), stats, cfg.split)
+        return ds.filter(lambda row: heldout_document(row["text"], cfg.heldout_fraction) == heldout)
     source = cfg.source
     if source == DEFAULT_CORPUS:
         corpus = default_corpus_dir()

@@ -70,7 +70,10 @@ class EvalSet:
 def build_eval_set(cfg: Config, tokenizer, base_model) -> EvalSet:
     """The fixed positions: one pass over the held-out data, seeded by eval.seed."""
     e = cfg.eval
-    data_cfg = cfg.data.model_copy(update={"source": e.data or cfg.data.source, "seed": e.seed, "shuffle": True})
+    # a separate held-out source is read whole; the training source's carve-out (data.heldout_fraction) otherwise
+    data_cfg = cfg.data.model_copy(update={"source": e.data or cfg.data.source, "seed": e.seed, "shuffle": True,
+                                           **({"heldout_fraction": 0.0} if e.data and e.data != cfg.data.source
+                                              else {})})
     stream = PositionStream(data_cfg, tokenizer, split=e.split)
     positions = stream.first_epoch(e.num_positions)
     contexts = [p.context for p in positions]
@@ -156,6 +159,30 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
 
 
 # ---- `rntp eval`: one or many models / checkpoints, with a report --------------------------------
+
+def run_config_of(path: str | Path) -> Path | None:
+    """The rntp config a model path was trained with: a run folder's config.yaml, or a checkpoint's
+    rntp_config.yaml (its run folder's config.yaml if the checkpoint lacks one); None for other paths."""
+    path = Path(path)
+    for candidate in (path / "config.yaml", path / "rntp_config.yaml"):
+        if candidate.is_file():
+            return candidate
+    if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
+        return path.parent.parent / "config.yaml"
+    return None
+
+
+def eval_config(model_paths: list[str], config: str | None, overrides: list[str]) -> tuple[Config, str]:
+    """`rntp eval`'s config and where it came from: `--config` when given, else the first `--model` that is
+    a run folder or checkpoint (its own config, so held-out positions, tags, horizon and thought budget are
+    the run's), else the defaults. Overrides apply on top of either."""
+    from rntp.config import load_config
+
+    if config is not None:
+        return load_config(config, overrides), str(config)
+    found = next((c for c in map(run_config_of, model_paths) if c is not None), None)
+    return load_config(found, overrides), str(found) if found else "defaults (no --config, no run config found)"
+
 
 def discover(paths: list[str]) -> list[dict]:
     """Expand run folders into [base model, checkpoint 1, checkpoint 2, ...]."""

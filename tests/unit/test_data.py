@@ -81,8 +81,9 @@ def test_epochs_wrap_around(tmp_path, tokenizer):
     assert stream.epoch >= 1
 
 
-def test_streaming_matches_resume_too(corpus_file, tokenizer):
-    c = cfg(corpus_file, streaming=True, shuffle_buffer=8)
+@pytest.mark.parametrize("heldout_fraction", [0.0, 0.25])  # a carve-out filters the stream; resume stays exact
+def test_streaming_matches_resume_too(corpus_file, tokenizer, heldout_fraction):
+    c = cfg(corpus_file, streaming=True, shuffle_buffer=8, heldout_fraction=heldout_fraction)
     full = PositionStream(c, tokenizer).take(12)
     first = PositionStream(c, tokenizer)
     first.take(5)
@@ -231,3 +232,28 @@ def test_streamed_sharded_corpus_two_ranks_disjoint_exact_resume_in_constant_rea
         # (datasets re-reads at most the current shard's rows, or the one just finished: 2 x 30, whereas
         # re-reading from the start would be over 100; earlier shards are not opened)
         assert reads[0][0] <= 1 and reads[1][0] <= 1 and max(r[1] for r in reads) <= 60, reads
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_heldout_fraction_carves_a_disjoint_heldout_split_from_one_split(corpus_file, tokenizer, streaming):
+    """data.heldout_fraction: training reads the source's split without the carve-out, any other split reads
+    exactly the carve-out (by a BLAKE2b hash of the text, recomputed here with hashlib), together all of it."""
+    import hashlib
+    from collections import Counter
+
+    from rntp.data import load_documents
+
+    texts = [json.loads(line)["text"] for line in open(corpus_file)]
+    expected = {t for t in texts if int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "big")
+                / 2**64 < 0.25}
+    assert 0 < len(expected) < len(texts)
+    c = cfg(corpus_file, heldout_fraction=0.25, streaming=streaming)
+    train = [row["text"] for row in load_documents(c, Counter())]
+    heldout = [row["text"] for row in load_documents(c, Counter(), split="heldout")]
+    assert set(heldout) == expected and not set(train) & set(heldout)
+    assert sorted(train + heldout) == sorted(texts)
+    # positions of the held-out split come only from held-out documents
+    held_tokens = [tokenizer.encode(t, add_special_tokens=False) for t in expected]
+    for p in PositionStream(c, tokenizer, split="heldout").first_epoch(10):
+        assert any(list(p.chunk) == ids[i : i + len(p.chunk)] for ids in held_tokens for i in range(0, len(ids), 48))
+    assert [row["text"] for row in load_documents(cfg(corpus_file), Counter(), split="heldout")] == texts  # off
