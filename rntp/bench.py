@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     shared_prefix(cfg, args.steps)
     long_thoughts(cfg)
     sampler_ratio(cfg, args.sampler_repeats)
+    seeded_requests(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
 
@@ -382,6 +383,46 @@ def sampler_ratio(cfg: Config, repeats: int) -> None:
     tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
     print(f"sampler: {tokens / statistics.median(ours):.1f} tok/s ours vs {tokens / statistics.median(raw):.1f} tok/s "
           f"raw LLM.generate -> ratio {statistics.median(raw) / statistics.median(ours):.3f}  (aim > 0.85)")
+    sampler.close()
+
+
+def seeded_requests(cfg: Config, repeats: int) -> None:
+    """vLLM sampling with a seed on every request (`rollout.seed_requests=true`) against none, on the
+    same engine and prompts, alternated. vLLM draws seeded requests' noise one request at a time at
+    every decode step (and on GPUs leaves FlashInfer's sampler for them); here on CPU only the loop
+    shows."""
+    from dataclasses import replace
+
+    from transformers import AutoTokenizer
+
+    from rntp.data import PositionStream
+    from rntp.think_tokens import base_model_path
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout.vllm_utils import vllm_available
+
+    if cfg.rollout.sampler == "hf" or not vllm_available():
+        print("seeded requests: skipped (vLLM not in use)")
+        return
+    path = base_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
+                           cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
+    prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(8)]
+    seeded = SamplingSpec(16, cfg.rollout.max_thought_tokens, cfg.rollout.temperature, cfg.rollout.top_p, seed=1)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    tokens = {}
+    sampler.sample(prompts, seeded)  # warm-up
+    for i in range(max(2, repeats)):
+        for flag in ((True, False) if i % 2 == 0 else (False, True)):
+            sampler.llm.reset_prefix_cache()
+            t = time.perf_counter()
+            rollouts = sampler.sample(prompts, replace(seeded, seeded=flag, seed=1 + i))
+            times[flag].append(time.perf_counter() - t)
+            tokens[flag] = sum(r.n_sampled for r in rollouts)
+    rate = {flag: tokens[flag] / statistics.median(v) for flag, v in times.items()}
+    print(f"seeded requests (8 prompts x 16 thoughts): {rate[True]:.1f} tok/s seeded vs {rate[False]:.1f} tok/s "
+          f"unseeded -> ratio {rate[True] / rate[False]:.3f}")
     sampler.close()
 
 

@@ -65,6 +65,8 @@ class VLLMSampler:
                       distributed_executor_backend=executor)
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        else:  # a seeded request split over steps by chunked prefill kills vLLM 0.32's CPU engine (it rewinds
+            kwargs["enable_chunked_prefill"] = False  # the request's generator: "CPU Generator does not use offset")
         self.llm = LLM(**kwargs)
         self.asleep = False
 

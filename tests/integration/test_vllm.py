@@ -175,6 +175,23 @@ def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_mod
     assert gap < 1e-4
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_one_engine_step_takes(vllm_sampler, tokenizer):
+    """Seeded requests whose prefills exceed one engine step (more than max_num_batched_tokens prompt
+    tokens in one call: 8 prompts of ~70 tokens x 16 thoughts) are split over steps by chunked prefill,
+    and vLLM 0.32 then rewinds each split request's generator (`gen.set_offset`), which CPU generators
+    do not have: the engine died with "CPU Generator does not use offset". The CPU engine runs without
+    chunked prefill; the draws stay those of the seeds (the same twice)."""
+    words = "the value returned by the function is checked against each line of the file".split()
+    contexts = [tokenizer.encode(" ".join(words * 5)[: 300 + 7 * i], add_special_tokens=False) for i in range(8)]
+    assert sum(len(c) for c in contexts) * 16 > 4096
+    spec = SamplingSpec(n=16, max_tokens=4, seed=3)
+    prompts = [vllm_sampler.tags.prompt(c) for c in contexts]
+    first = vllm_sampler.sample(prompts, spec)
+    assert len(first) == 8 * 16
+    vllm_sampler.llm.reset_prefix_cache()
+    assert [r.thought_ids for r in vllm_sampler.sample(prompts, spec)] == [r.thought_ids for r in first]
+
+
 # Last in this file: it starts and closes a second engine in this process, and closing an engine
 # tears down vLLM's process-wide parallel state that the module's engine also uses.
 @pytest.mark.slow
