@@ -5,8 +5,12 @@
 # job resumes from the checkpoint (same SLURM_JOB_ID, so the same RUN_DIR).
 #
 # Server mode: SERVER_NODES=K gives the first K nodes to vLLM servers (`rntp serve`, one per node,
-# tensor-parallel over its GPUs, port SERVER_PORT) and trains on the others with
-# rollout.sampler=server pointed at them; the servers stop when training ends.
+# tensor-parallel over its GPUs, on SERVER_HOST:SERVER_PORT, default 0.0.0.0:8000, so the training
+# nodes reach them) and trains on the others with rollout.sampler=server pointed at them; the servers
+# stop when training ends. Every server route but /health needs a shared secret: the job makes a new
+# one (launch/make_secret.sh) in <run dir>/server-secret, mode 600, on the file system all nodes share,
+# hands its path (never the secret) to servers and trainers as rollout.server.secret_file, and deletes
+# it when the job ends. SERVER_SECRET_FILE names a file of your own instead (kept).
 #
 # Outside SLURM, DRY_RUN=1 prints the resolved commands (hosts from DRY_RUN_HOSTS).
 set -euo pipefail
@@ -22,6 +26,7 @@ else
 fi
 SERVER_NODES=${SERVER_NODES:-0}
 SERVER_PORT=${SERVER_PORT:-8000}
+SERVER_HOST=${SERVER_HOST:-0.0.0.0}
 servers=("${hosts[@]:0:SERVER_NODES}")
 trainers=("${hosts[@]:SERVER_NODES}")
 if (( ${#trainers[@]} == 0 )); then
@@ -29,10 +34,6 @@ if (( ${#trainers[@]} == 0 )); then
   exit 2
 fi
 train_args=("$@")
-if (( SERVER_NODES > 0 )); then
-  urls=$(printf "http://%s:${SERVER_PORT}," "${servers[@]}")
-  train_args+=(rollout.sampler=server "rollout.server.urls=[${urls%,}]")
-fi
 export NNODES=${#trainers[@]}
 export MASTER_ADDR=${trainers[0]}
 job_digits=${SLURM_JOB_ID//[^0-9]/}
@@ -41,8 +42,18 @@ export RUN_ID=$SLURM_JOB_ID
 export RUN_DIR=${RUN_DIR:-runs/${SLURM_JOB_NAME}-${SLURM_JOB_ID}}
 export NPROC=${NPROC:-${SLURM_GPUS_ON_NODE:-}}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
+own_secret=0
+if [[ -z "${SERVER_SECRET_FILE:-}" ]]; then
+  [[ "$RUN_DIR" == /* ]] && SERVER_SECRET_FILE=$RUN_DIR/server-secret || SERVER_SECRET_FILE=$ROOT/$RUN_DIR/server-secret
+  own_secret=1
+fi
+if (( SERVER_NODES > 0 )); then
+  urls=$(printf "http://%s:${SERVER_PORT}," "${servers[@]}")
+  train_args+=("rollout.server.secret_file=${SERVER_SECRET_FILE}" rollout.sampler=server "rollout.server.urls=[${urls%,}]")
+fi
 
-serve_cmd=("$PYTHON" -m rntp serve --port "$SERVER_PORT" "$@" -- --tensor-parallel-size "${NPROC:-1}")
+serve_cmd=("$PYTHON" -m rntp serve --port "$SERVER_PORT" "$@" "rollout.server.secret_file=${SERVER_SECRET_FILE}"
+           --host "$SERVER_HOST" -- --tensor-parallel-size "${NPROC:-1}")
 
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
   echo "job ${SLURM_JOB_ID}: ${NNODES} training node(s), rendezvous ${MASTER_ADDR}:${MASTER_PORT}, run dir ${RUN_DIR}"
@@ -70,6 +81,10 @@ trap on_warning USR1
 
 server_pid=
 if (( SERVER_NODES > 0 )); then
+  if (( own_secret )); then
+    bash "$ROOT/launch/make_secret.sh" "$SERVER_SECRET_FILE"  # a new one per job (and per requeue)
+    trap 'rm -f "$SERVER_SECRET_FILE"' EXIT
+  fi
   srun --nodes="$SERVER_NODES" --nodelist="$(IFS=,; echo "${servers[*]}")" --ntasks-per-node=1 \
     --output="$RUN_DIR/logs/%j-server%n.log" "${serve_cmd[@]}" &
   server_pid=$!

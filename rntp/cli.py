@@ -15,6 +15,34 @@ def _setup_env() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def _serve_secret(secret_file: str | None, dry_run: bool) -> tuple[str, str]:
+    """The secret `rntp serve` guards its server with, and where it is (never the secret itself, which
+    reaches vLLM in its environment only). A dry run makes no file."""
+    from rollout import auth
+
+    if not dry_run:
+        return auth.load_secret(secret_file, create=True)
+    path, where = auth.secret_location(secret_file)
+    if path is not None and not path.exists():
+        return "", f"{where}, made at start-up"
+    return auth.load_secret(secret_file)
+
+
+def _listening(host: str, port: int) -> str:
+    import ipaddress
+
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return f"http://{host}:{port} (wherever that name resolves)"
+    url = f"http://[{host}]:{port}" if address.version == 6 else f"http://{host}:{port}"
+    if address.is_loopback:
+        return f"{url}, loopback only (--host 0.0.0.0 lets other machines reach it)"
+    if address.is_unspecified:
+        return f"port {port} of every interface ({url}): any machine that reaches this one can connect"
+    return url
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rntp", description="Reasoning via next-token prediction")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -35,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("rewards", help="list registered rewards and their formulas")
     p_serve = sub.add_parser("serve", help="start a vLLM server for rollout.sampler=server (args after -- go to vLLM)")
     p_serve.add_argument("--config", help="YAML config (model, data, rollout sections are used)")
-    p_serve.add_argument("--host", default="0.0.0.0")
+    p_serve.add_argument("--host", default="127.0.0.1",
+                         help="address to listen on (default loopback: only this machine; 0.0.0.0 = every "
+                         "interface, for trainers on other nodes; every route but /health needs the shared secret)")
     p_serve.add_argument("--port", type=int, default=8000)
     p_serve.add_argument("--dry-run", action="store_true", help="print the command, start nothing")
     p_serve.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -126,10 +156,14 @@ def main(argv: list[str] | None = None) -> int:
             from rollout.server import serve_command
 
             cfg = load_config(args.config, args.overrides)
+            secret, where = _serve_secret(cfg.rollout.server.secret_file, args.dry_run)  # before anything loads
             path = base_model_path(cfg)  # the model the trainer starts from, tags as tokens included
             tags = ThinkTags(AutoTokenizer.from_pretrained(path), cfg.rollout.open_tag, cfg.rollout.close_tag)
             command, env = serve_command(path, cfg, host=args.host, port=args.port,
-                                         max_model_len=max_sequence_len(cfg, tags), vllm_args=passthrough)
+                                         max_model_len=max_sequence_len(cfg, tags), vllm_args=passthrough,
+                                         secret=secret)
+            print(f"rntp serve: listening on {_listening(args.host, args.port)}; every route but /health needs the "
+                  f"shared secret (Authorization: Bearer) from {where}", file=sys.stderr, flush=True)
             print(("VLLM_SERVER_DEV_MODE=1 " if args.dry_run else "") + shlex.join(command), flush=True)
             if not args.dry_run:
                 os.execvpe(command[0], command, env)  # the server takes this process's place and signals

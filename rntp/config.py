@@ -132,6 +132,11 @@ class ServerConfig(Section):
     startup_timeout_s: float = Field(600, gt=0, description="how long to wait for the servers to answer")
     max_concurrent_requests: int = Field(64, ge=1)
     """HTTP requests in flight at once, per rank."""
+    secret_file: str | None = None
+    """File holding the shared secret every route of an `rntp serve` server but /health requires (the
+    trainer sends it as a bearer token), readable by its owner only (mode 600). None = the secret in
+    $RNTP_SERVER_SECRET, else `~/.cache/rntp/server-secret`, which `rntp serve` makes if missing. The SLURM
+    launcher makes one per job. Give servers and trainers the same."""
 
 
 class RolloutConfig(Section):

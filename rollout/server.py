@@ -11,6 +11,8 @@ server with its RL routes and a weight-transfer backend), then train with
   (nccl on GPUs with vLLM's engine, gloo elsewhere with `rollout.weight_transfer`'s); all ranks
   iterate the weights (gathering shards is collective), rank 0 sends; then the servers' prefix
   caches are reset and every rank waits at a barrier, so no rank samples with old weights.
+- Access: every route but `/health` needs the shared secret (`rollout.auth`); every call here
+  carries it as a bearer token, and a 401 is one line naming `rollout.server.secret_file`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import torch
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
+from rollout import auth
 from rollout.base import SamplingSpec, WeightStream
 from rollout.net import free_port
 from rollout.spans import Rollout, ThinkTags
@@ -43,15 +46,44 @@ class ServerError(RuntimeError):
     pass
 
 
+class ServerAuthError(ServerError, ValueError):
+    """A server refused the trainer's shared secret: a setting to fix, so one line at the CLI."""
+
+
+class WeightSyncClient:
+    """vLLM's `HTTPVLLMWeightSyncClient` (vllm/distributed/weight_transfer/clients.py: the same five
+    routes and bodies) through the sampler's session, so each call carries the shared secret. Update
+    infos go as they are: nccl's and ours are plain JSON (vLLM re-encodes only ipc's handles)."""
+
+    def __init__(self, call, url: str):
+        self.call, self.url = call, url
+
+    def _post(self, path: str, payload: dict | None = None) -> None:
+        self.call("POST", self.url, path, payload)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._post("/init_weight_transfer_engine", {"init_info": init_info})
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self._post("/shutdown_weight_transfer_engine")
+
+    def start_weight_update(self) -> None:
+        self._post("/start_weight_update")
+
+    def update_weights(self, update_info) -> None:
+        self._post("/update_weights", {"update_info": update_info})
+
+    def finish_weight_update(self, weight_version: str | None = None) -> None:
+        self._post("/finish_weight_update", None if weight_version is None else {"weight_version": weight_version})
+
+
 class ServerGroup:
     """vLLM's weight-sync client protocol (`VLLMWeightSyncClient`) over several servers. Each call
     goes to all of them at once, since their workers meet the trainer in one group; each server is
     told where its workers' ranks start in that group."""
 
-    def __init__(self, urls: list[str], worker_counts: list[int], timeout: float):
-        from vllm.distributed.weight_transfer.clients import HTTPVLLMWeightSyncClient
-
-        self.clients = [HTTPVLLMWeightSyncClient(url, timeout) for url in urls]
+    def __init__(self, urls: list[str], worker_counts: list[int], call):
+        self.clients = [WeightSyncClient(call, url) for url in urls]
         self.offsets = [sum(worker_counts[:i]) for i in range(len(urls))]
 
     def _all(self, call) -> None:
@@ -164,18 +196,22 @@ class ServerSampler:
         for url in self.urls:
             self.http.mount(f"{url}/v1/", HTTPAdapter(max_retries=retry))
         self.pool = ThreadPoolExecutor(max_workers=cfg.max_concurrent_requests)
-        self.model = [self._wait_for(url) for url in self.urls][0]
+        for url in self.urls:
+            self._wait_for(url)
+        # Read once the servers are up: `rntp serve` has made the default file by then.
+        self.secret, self.secret_source = auth.load_secret(cfg.secret_file)
+        self.http.headers.update(auth.authorization(self.secret))
+        self.model = [self._call("GET", url, "/v1/models")["data"][0]["id"] for url in self.urls][0]
         self.transfer = None  # vLLM's trainer-side engine, made at the first push
 
     # -- HTTP ----------------------------------------------------------------------------------------
-    def _wait_for(self, url: str) -> str:
-        """Block until the server answers; the name it serves."""
+    def _wait_for(self, url: str) -> None:
+        """Block until the server is up (`/health`, the one route open without the secret)."""
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while True:
             try:
-                models = requests.get(f"{url}/v1/models", timeout=10)  # no retries: this loop is the retry
-                models.raise_for_status()
-                return models.json()["data"][0]["id"]
+                requests.get(f"{url}/health", timeout=10).raise_for_status()  # no retries: this loop is the retry
+                return
             except (requests.ConnectionError, requests.Timeout, requests.HTTPError) as e:
                 if time.monotonic() > deadline:
                     raise ServerError(f"no vLLM server answered at {url} within {self.cfg.startup_timeout_s:.0f} s "
@@ -184,6 +220,10 @@ class ServerSampler:
 
     def _call(self, method: str, url: str, path: str, payload: dict | None = None) -> dict:
         response = self.http.request(method, f"{url}{path}", json=payload, timeout=self.cfg.timeout_s)
+        if response.status_code == 401:
+            raise ServerAuthError(f"{url}{path} answered 401: the server refused the trainer's shared secret, read "
+                                  f"from {self.secret_source}; set rollout.server.secret_file to the file its "
+                                  "`rntp serve` was started with")
         if response.status_code == 404 and not path.startswith("/v1/"):
             raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
                               "(`rntp serve` does) so vLLM exposes its RL and cache routes")
@@ -235,10 +275,10 @@ class ServerSampler:
             info = NCCLTrainerInitInfo(**common, master_port=self.cfg.transfer_port or free_port())
         else:
             info = weight_transfer.GlooTrainerInitInfo(**common, master_port=self.cfg.transfer_port,
-                                                       bucket_mb=weights.bucket_mb, timeout_s=self.cfg.timeout_s)
+                                                       bucket_mb=weights.bucket_mb, timeout_s=self.cfg.timeout_s,
+                                                       auth=auth.transfer_token(self.secret))
         log.info("weight transfer (%s) to %d server worker(s) via %s", info.backend, sum(workers), address)
-        return WeightTransferTrainerFactory.trainer_init(info,
-                                                         client=ServerGroup(self.urls, workers, self.cfg.timeout_s),
+        return WeightTransferTrainerFactory.trainer_init(info, client=ServerGroup(self.urls, workers, self._call),
                                                          source=_weight_source(weights))
 
     def push_weights(self, weights: WeightStream) -> None:
@@ -276,26 +316,31 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.launchers.api_server.entry"
 
 
 def serve_command(model_path: str, cfg: Config, *, host: str, port: int, max_model_len: int,
-                  vllm_args: list[str]) -> tuple[list[str], dict[str, str]]:
+                  vllm_args: list[str], secret: str) -> tuple[list[str], dict[str, str]]:
     """The command (and environment) that starts one vLLM server for `rollout.sampler=server`:
     vLLM's OpenAI-compatible server with its RL routes (VLLM_SERVER_DEV_MODE) and the weight-transfer
     backend the trainer will use. `--generation-config vllm`: the server's defaults for fields a
     request leaves unset are vLLM's neutral ones, not the model's generation_config.json (which
     would also cap max_tokens at its max_new_tokens). `vllm_args` go through as they are (e.g.
-    --tensor-parallel-size 8)."""
+    --tensor-parallel-size 8). Every route but /health needs `secret` (`rollout.auth`'s middleware);
+    it travels in the environment, never on the command line."""
     import json
     import os
     import sys
 
+    if any(a == "--api-key" or a.startswith("--api-key=") for a in vllm_args):
+        raise ValueError("rntp serve guards every route with the shared secret (rollout.server.secret_file); "
+                         "drop --api-key, which guards only /v1 and would ask for a second token there")
     vllm = cfg.rollout.vllm
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
             "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
             "--logprobs-mode", "processed_logprobs",
-            "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)})]
+            "--weight-transfer-config", json.dumps({"backend": transfer_backend(cfg.rollout.server.weight_transfer)}),
+            "--middleware", auth.MIDDLEWARE]
     if vllm.enforce_eager:
         argv.append("--enforce-eager")
-    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    env = {"VLLM_SERVER_DEV_MODE": "1", auth.SECRET_ENV: secret}
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
     else:

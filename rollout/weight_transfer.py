@@ -14,10 +14,21 @@ The worker side is registered in the server process through vLLM's plugin entry 
 Wire format: one broadcast per bucket of the trainer's weights (about `bucket_mb`), the
 bucket's tensors packed byte by byte; the `/update_weights` call that precedes each broadcast
 names the tensors, their dtypes and shapes.
+
+What the group trusts. The trainer hands each server, over its `/init_weight_transfer_engine` route
+(guarded by the shared secret, `rollout.auth`), the address and port where trainer rank 0 hosts the
+group's store; the server's workers connect there and take whatever rank 0 broadcasts as weights.
+A worker refuses an `init` whose `auth` is not the token derived from its server's secret, so only
+the secret's holder can point it at a group, even where the HTTP route were reachable some other way.
+The group itself (torch's TCPStore and gloo sockets; NCCL's likewise) is not authenticated: whoever
+reaches rank 0's transfer port while the group forms could join it or break it. Keep the trainer
+nodes and the sampler nodes on a network only the job's machines reach, or pin
+`rollout.server.transfer_port` and open it to the sampler nodes alone.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -44,6 +55,7 @@ class GlooInitInfo(WeightTransferInitInfo):
     rank_offset: int
     world_size: int
     timeout_s: float = 600
+    auth: str = ""  # `rollout.auth.transfer_token` of the server's secret
 
 
 @dataclass
@@ -58,6 +70,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int
     bucket_mb: float = 256
     timeout_s: float = 600
+    auth: str = ""  # passed on to the servers' workers
 
 
 @dataclass
@@ -123,6 +136,15 @@ class GlooWeightTransferEngine(WeightTransferEngine[GlooInitInfo, GlooUpdateInfo
         self.group = None
 
     def init_transfer_engine(self, init_info: GlooInitInfo) -> None:
+        from rollout import auth
+
+        secret = os.environ.get(auth.SECRET_ENV, "").strip()
+        if not secret:
+            raise PermissionError(f"gloo weight transfer: this server has no shared secret ({auth.SECRET_ENV}); "
+                                  "start it with `rntp serve`")
+        if not auth.matches(init_info.auth, auth.transfer_token(secret)):
+            raise PermissionError("gloo weight transfer: refused an init that does not come with this server's "
+                                  "shared secret")
         self.shutdown()  # a trainer that died without saying goodbye leaves its group behind
         parallel = self.parallel_config
         worker_rank = parallel.data_parallel_index * parallel.world_size + parallel.rank
@@ -182,7 +204,8 @@ class GlooTrainerWeightTransferEngine(TrainerWeightTransferEngine[GlooTrainerIni
         listen.bind((init_info.master_address, init_info.master_port))
         listen.listen()
         port = listen.getsockname()[1]
-        workers = GlooInitInfo(init_info.master_address, port, 1, init_info.world_size, init_info.timeout_s)
+        workers = GlooInitInfo(init_info.master_address, port, 1, init_info.world_size, init_info.timeout_s,
+                               init_info.auth)
         # The servers block in the rendezvous until the trainer joins: ask them on a side thread.
         with ThreadPoolExecutor(max_workers=1) as pool:
             joined = pool.submit(client.init_weight_transfer_engine, asdict(workers))

@@ -1,7 +1,10 @@
 """Server mode on CPU: a real vLLM server started by `rntp serve`, rollouts over HTTP, weights over
-vLLM's weight-transfer API with the gloo backend, and two trainer ranks training against it."""
+vLLM's weight-transfer API with the gloo backend, and two trainer ranks training against it. Every
+server route but /health needs the shared secret (rollout.auth): this module's servers and trainers
+share one through RNTP_SERVER_SECRET."""
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -46,6 +49,15 @@ def start_server(model_dir, log_path, *overrides, env=None):
             stop_server(proc)
             pytest.fail("rntp serve did not come up:\n" + open(log_path).read()[-4000:])
         time.sleep(2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def shared_secret():
+    """One secret for the servers and trainers of this module, in their environment."""
+    with pytest.MonkeyPatch.context() as patch:
+        secret = secrets.token_hex(32)
+        patch.setenv("RNTP_SERVER_SECRET", secret)
+        yield secret
 
 
 def stop_server(proc):
@@ -177,3 +189,85 @@ def test_a_missing_server_is_a_clear_error(tokenizer):
 
     with pytest.raises(ServerError, match="no vLLM server answered at .*rntp serve"):
         server_sampler(f"http://127.0.0.1:{free_port()}", tokenizer, startup_timeout_s=1)
+
+
+# -- access: the shared secret -----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def other_weights_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with other weights: what an intruder's /collective_rpc would load."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    out = tmp_path_factory.mktemp("tiny-other") / "model"
+    model.save_pretrained(out)
+    return out
+
+
+def test_without_the_secret_every_route_but_health_is_refused_and_changes_nothing(server, tokenizer,
+                                                                                  other_weights_dir, shared_secret):
+    """The requests an intruder on the network would send, without the secret or with a wrong one: 401
+    each, and the next authenticated sample is the one an untouched server draws."""
+    sampler = server_sampler(server, tokenizer)
+    try:
+        spec = SamplingSpec(n=3, max_tokens=6, seed=11)
+        prompts = prompts_of(tokenizer, sampler.tags)
+        before = [r.thought_ids for r in sampler.sample(prompts, spec)]
+        model = sampler.model
+        attacks = [
+            ("POST", "/collective_rpc", {"method": "reload_weights",
+                                         "kwargs": {"weights_path": str(other_weights_dir)}}),
+            ("POST", "/init_weight_transfer_engine", {"init_info": {"master_address": "127.0.0.1", "master_port": 1,
+                                                                    "rank_offset": 1, "world_size": 2}}),
+            ("POST", "/update_weights", {"update_info": {"names": ["lm_head.weight"], "dtype_names": ["float32"],
+                                                          "shapes": [[1]]}}),
+            ("POST", "/start_weight_update", None), ("POST", "/finish_weight_update", None),
+            ("POST", "/sleep?level=2", None), ("POST", "/wake_up", None), ("POST", "/reset_prefix_cache", None),
+            ("POST", "/pause", None), ("GET", "/server_info", None), ("GET", "/get_world_size", None),
+            ("GET", "/v1/models", None), ("GET", "/metrics", None),
+            ("POST", "/v1/completions", {"model": model, "prompt": prompts[0], "max_tokens": 4}),
+        ]
+        for header in ({}, {"Authorization": "Bearer " + "0" * 64}, {"Authorization": shared_secret},
+                       {"Authorization": f"Basic {shared_secret}"}):
+            for method, path, body in attacks:
+                answer = requests.request(method, server + path, json=body, headers=header, timeout=30)
+                assert answer.status_code == 401, (path, header, answer.status_code, answer.text[:200])
+        assert requests.get(f"{server}/health", timeout=10).status_code == 200  # open, for start-up waits
+        state = requests.get(f"{server}/is_sleeping", headers={"Authorization": f"Bearer {shared_secret}"}, timeout=10)
+        assert state.json() == {"is_sleeping": False}
+        assert [r.thought_ids for r in sampler.sample(prompts, spec)] == before
+    finally:
+        sampler.close()
+
+
+def test_a_weight_transfer_init_without_the_transfer_token_is_refused(server, shared_secret):
+    """Past the route's secret too, the gloo workers join no group an init names without the token
+    derived from the server's secret (here the group could never form: it would hang otherwise)."""
+    answer = requests.post(f"{server}/init_weight_transfer_engine", timeout=60,
+                           headers={"Authorization": f"Bearer {shared_secret}"},
+                           json={"init_info": {"master_address": "127.0.0.1", "master_port": free_port(),
+                                               "rank_offset": 1, "world_size": 2, "timeout_s": 30}})
+    assert answer.status_code >= 400 and "refused an init" in answer.text
+    assert requests.get(f"{server}/health", timeout=10).ok
+
+
+def test_a_wrong_secret_on_the_trainer_is_one_line_naming_the_setting(server, tokenizer, tiny_model_dir,
+                                                                     corpus_file, tmp_path):
+    from rollout.server import ServerAuthError
+
+    wrong = tmp_path / "secret"
+    wrong.write_text(secrets.token_hex(32))
+    wrong.chmod(0o600)
+    with pytest.raises(ServerAuthError, match="answered 401.*rollout.server.secret_file") as refused:
+        server_sampler(server, tokenizer, secret_file=wrong)
+    assert "\n" not in str(refused.value) and str(wrong) in str(refused.value)
+    done = subprocess.run([sys.executable, *train_args(tiny_model_dir, corpus_file, tmp_path / "run",
+                                                       "rollout.sampler=server", f"rollout.server.urls=[{server}]",
+                                                       "rollout.server.weight_transfer=gloo", "train.steps=1",
+                                                       f"rollout.server.secret_file={wrong}")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"})
+    errors = [line for line in done.stderr.splitlines() if line.startswith("rntp train: error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert len(errors) == 1 and "answered 401" in errors[0] and "rollout.server.secret_file" in errors[0]

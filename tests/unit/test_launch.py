@@ -104,3 +104,43 @@ def test_sbatch_logs_go_where_a_fresh_clone_has_a_folder():
         folder = str(Path(path).parent)
         assert not Path(path).is_absolute() and "%" not in folder, (name, path)
         assert folder == "." or folder in tracked_dirs, f"{name}: {path} is in a folder a fresh clone lacks"
+
+
+def test_server_mode_hands_servers_and_trainers_one_secret_file_per_job(tmp_path):
+    """Servers listen on every interface (the trainers are on other nodes) and, like the trainers, get
+    the path of the job's secret file, never a secret; a dry run makes no file."""
+    run_dir = tmp_path / "r"
+    out = dry_run("multi_node.sbatch", "--config", "configs/demo.yaml", DRY_RUN_HOSTS="gpu-a gpu-b gpu-c",
+                  SERVER_NODES="1", SLURM_JOB_ID="6", NPROC="8", RUN_DIR=str(run_dir))
+    lines = [shlex.split(line.split(": ", 1)[1]) for line in out.splitlines() if line.startswith("srun on")]
+    server, trainers = lines[0], lines[1:]
+    assert server[server.index("--host") + 1] == "0.0.0.0"
+    wanted = f"rollout.server.secret_file={run_dir / 'server-secret'}"
+    assert server.index(wanted) > server.index("configs/demo.yaml")  # after the user's: the launcher's file wins
+    assert all(wanted in argv for argv in trainers)
+    assert not run_dir.exists()
+    mine = tmp_path / "mine"
+    out = dry_run("multi_node.sbatch", "--config", "configs/demo.yaml", DRY_RUN_HOSTS="gpu-a gpu-b",
+                  SERVER_NODES="1", SLURM_JOB_ID="6", RUN_DIR=str(run_dir), SERVER_SECRET_FILE=str(mine))
+    assert out.count(f"rollout.server.secret_file={mine}") == 2
+    out = dry_run("single_node.sbatch", "--config", "configs/demo.yaml", SLURM_JOB_ID="6", RUN_DIR=str(run_dir))
+    assert "secret" not in out  # no servers, no secret
+
+
+def test_a_job_secret_is_new_random_and_only_its_owner_can_read_it(tmp_path):
+    import stat
+
+    path = tmp_path / "run" / "server-secret"
+    made = []
+    for _ in range(2):
+        done = subprocess.run(["bash", str(ROOT / "launch" / "make_secret.sh"), str(path)], capture_output=True,
+                              text=True, env={**os.environ, "PATH": os.environ["PATH"]})
+        assert done.returncode == 0 and done.stdout == done.stderr == ""  # nothing reaches a log
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        made.append(path.read_text())
+        assert len(made[-1]) == 64 and int(made[-1], 16) >= 0
+    assert made[0] != made[1] and sorted(p.name for p in path.parent.iterdir()) == ["server-secret"]
+
+    from rollout.auth import load_secret
+
+    assert load_secret(str(path))[0] == made[1]  # what `rntp serve` and the trainers read

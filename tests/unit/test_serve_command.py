@@ -13,11 +13,15 @@ from rollout.server import serve_command
 pytestmark = [pytest.mark.unit, pytest.mark.skipif(not vllm_available(), reason="vLLM is not installed")]
 
 
+SECRET = "s3cret-" + "x" * 32
+
+
 def command(*overrides, vllm_args=()):
     cfg = load_config(None, ["rollout.server.weight_transfer=gloo", "train.seed=5", *overrides])
     argv, env = serve_command("/models/m", cfg, host="127.0.0.1", port=8123, max_model_len=300,
-                              vllm_args=list(vllm_args))
+                              vllm_args=list(vllm_args), secret=SECRET)
     assert argv[1] == "-m" and env["VLLM_SERVER_DEV_MODE"] == "1"
+    assert env["RNTP_SERVER_SECRET"] == SECRET and not any(SECRET in a for a in argv)  # never on the command line
     return argv[2], argv[3:]
 
 
@@ -43,9 +47,29 @@ def test_every_flag_we_pass_means_what_we_mean_to_vllm(cuda, monkeypatch):
     assert args.generation_config == "vllm"  # vLLM's neutral sampling defaults, not the model's
     assert args.max_model_len == 300 and args.seed == 5 and args.enforce_eager is True
     assert args.dtype == "bfloat16" and args.tensor_parallel_size == 8
+    assert args.middleware == ["rollout.auth.SecretMiddleware"]  # every route guarded (vLLM's --middleware)
     backend = args.weight_transfer_config
     assert (backend["backend"] if isinstance(backend, dict) else backend.backend) == "gloo"
     if cuda:
         assert args.gpu_memory_utilization == 0.45
     else:
         assert "--gpu-memory-utilization" not in argv  # the CPU backend sizes its KV cache from the env
+
+
+def test_the_middleware_is_what_vllm_can_add():
+    """vLLM imports each --middleware path and adds a class with `app.add_middleware(cls)`, no arguments
+    (vllm/entrypoints/serve/middleware/register.py)."""
+    import importlib
+    import inspect
+
+    _, argv = command()
+    path = argv[argv.index("--middleware") + 1]
+    module, name = path.rsplit(".", 1)
+    cls = getattr(importlib.import_module(module), name)
+    assert inspect.isclass(cls)
+    assert list(inspect.signature(cls).parameters) == ["app"]
+
+
+def test_an_api_key_for_vllm_is_refused():
+    with pytest.raises(ValueError, match="drop --api-key"):
+        command(vllm_args=["--api-key", "abc"])
