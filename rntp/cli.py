@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p_sweep = sub.add_parser("sweep", help="run a sweep file locally or as a SLURM job array")
     p_sweep.add_argument("file")
     p_sweep.add_argument("--dry-run", action="store_true", help="validate and print the runs, run nothing")
-    p_cmp = sub.add_parser("compare", help="compare runs: Markdown/CSV table, plots, one HTML report")
+    p_cmp = sub.add_parser("compare", help="compare runs and designs across seeds: held-out means with bootstrap "
+                           "intervals, differences from a control, Markdown/CSV tables, plots, one HTML report")
     p_cmp.add_argument("runs", nargs="+")
     p_cmp.add_argument("--out", default="runs/compare")
+    p_cmp.add_argument("--control", help="the design (or one of its runs) the others are compared with; "
+                       "default: the one design with grpo.pg_coef=0, if any")
+    p_cmp.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p_cmp.add_argument("--seed", type=int, default=0, help="seed of the bootstrap draws (default 0)")
     p_eval = sub.add_parser("eval", help="evaluate models/checkpoints on held-out text (fixed, seeded positions)")
     p_eval.add_argument("--model", action="append", required=True,
                         help="a model folder, checkpoint, run folder (base + every checkpoint) or hub name; repeatable")
@@ -144,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
             from rntp.compare import compare
 
-            print(compare(args.runs, Path(args.out)))
+            print(compare(args.runs, Path(args.out), control=args.control, resamples=args.resamples, seed=args.seed))
         elif args.command == "serve":
             import shlex
 

@@ -9,6 +9,7 @@ model's next-token entropy (the difficulty bucket). Output schema: see `SCHEMA` 
 from __future__ import annotations
 
 import csv
+import hashlib
 import html
 import json
 import logging
@@ -48,8 +49,22 @@ SCHEMA = {
         "acc_think": "the same after each thought, averaged over thoughts",
         "thought_len_mean/p50/p90/max": "sampled thought tokens",
         "truncated_frac": "thoughts that hit the budget without closing",
+        "per_position": "each result's values at every position, for paired comparisons (`rntp compare`): "
+                        "`keys` (a hash of the position's context and target ids) and `values` (metric -> one "
+                        "number per position, in `keys` order); the metrics above are their means. Absent in "
+                        "files written before it was added",
     },
 }
+
+# per-position values kept by `evaluate_policy` (the metrics of the same names are their means over positions)
+PER_POSITION = ("info_gain", "info_gain_empty", "info_gain_content", "nll_no_think", "nll_think_mean",
+                "nll_empty_thought", "acc_no_think", "acc_think", "thought_len_mean", "truncated_frac")
+
+
+def position_key(position: Position) -> str:
+    """A position's identity across runs and evaluations: a hash of its context and target ids."""
+    raw = json.dumps([position.context, position.target]).encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
 def token_byte_lengths(tokenizer, ids: list[int]) -> list[int]:
@@ -155,7 +170,17 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     for name, mask in buckets.items():
         m[f"positions/{name}"] = int(mask.sum())
         m[f"info_gain/{name}"] = float(gain[mask].mean()) if mask.any() else None
-    return {"metrics": m, "samples": samples}
+    k = e.thoughts
+    per = {"nll_no_think": -plain / H, "nll_think_mean": -think.mean(-1) / H, "nll_empty_thought": -empty / H,
+           "acc_no_think": torch.cat(hits_plain).double(), "acc_think": torch.cat(hits_think).double().mean(-1),
+           "thought_len_mean": torch.tensor(lengths, dtype=torch.float64).view(-1, k).mean(-1),
+           "truncated_frac": 1 - torch.tensor(closed, dtype=torch.float64).view(-1, k).mean(-1)}
+    per["info_gain"] = per["nll_no_think"] - per["nll_think_mean"]
+    per["info_gain_empty"] = per["nll_no_think"] - per["nll_empty_thought"]
+    per["info_gain_content"] = per["info_gain"] - per["info_gain_empty"]
+    per_position = {"keys": [position_key(p) for p in evalset.positions],
+                    "values": {name: per[name].tolist() for name in PER_POSITION}}
+    return {"metrics": m, "samples": samples, "per_position": per_position}
 
 
 # ---- `rntp eval`: one or many models / checkpoints, with a report --------------------------------

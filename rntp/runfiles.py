@@ -14,8 +14,8 @@ log = logging.getLogger(__name__)
 
 # What a run leaves in its folder; any of them means the folder holds a run. (A sweep's
 # train.log is written before the run starts, so it does not count.)
-RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "checkpoints", "training.png", "wandb",
-             "wandb_run_id")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval_positions.jsonl", "checkpoints", "training.png",
+             "wandb", "wandb_run_id")
 WANDB_ID_FILE = "wandb_run_id"
 
 

@@ -263,7 +263,7 @@ def train(cfg: Config) -> Path | None:
     open_logs(run)
     if run.evalset is not None and run.start_step == 0:  # step 0: the base model, on the same held-out positions
         row = MetricsRow()
-        held_out(run, row)
+        held_out(run, row, 0)
         reduced = reduce_rows(all_gather_object(row))
         if run.info.is_main:
             run.metrics.log(0, reduced)
@@ -285,7 +285,7 @@ def train(cfg: Config) -> Path | None:
         row = metrics_row(run, positions=positions, rollouts=rollouts, scored=scored, rewards=rewards,   # log
                           baseline=baseline, adv=adv, update=update, lr=lr, timer=timer, sync_diff=sync_diff)
         if run.evalset is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-            held_out(run, row)                                                   # held-out evaluation
+            held_out(run, row, step)                                             # held-out evaluation
         log_step(run, step, reduce_rows(all_gather_object(row)), positions, rollouts, rewards, bar)
         stopping = stop.any_rank()
         if step == cfg.train.steps or stopping or (cfg.train.save_every and step % cfg.train.save_every == 0):
@@ -422,6 +422,7 @@ def open_logs(run: Run) -> None:
     run.metrics = MetricsLogger(run_dir, cfg.model_dump(mode="json"), wandb_mode=cfg.log.wandb_mode,
                                 project=cfg.log.wandb_project, group=cfg.log.wandb_group, resume_step=run.start_step)
     cut_jsonl(run_dir / "samples.jsonl", run.start_step)  # a crashed run's samples after its checkpoint go
+    cut_jsonl(run_dir / "eval_positions.jsonl", run.start_step)  # and its held-out values
     run.samples_file = open(run_dir / "samples.jsonl", "a")
 
 
@@ -560,12 +561,16 @@ def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout],
     return row
 
 
-def held_out(run: Run, row: MetricsRow) -> None:
-    """The policy on the fixed held-out positions (`rntp.evaluate`), into `row` as eval/*."""
+def held_out(run: Run, row: MetricsRow, step: int) -> None:
+    """The policy on the fixed held-out positions (`rntp.evaluate`), into `row` as eval/*; rank 0 appends
+    the values at every position to eval_positions.jsonl (for `rntp compare`'s paired intervals)."""
     timer = PhaseTimer()
     with timer("eval"):
         result = evaluate_policy(run.engine.model, run.sampler, run.tags, run.evalset, run.cfg, progress=False)
     row.add({f"eval/{k}": v for k, v in result["metrics"].items()})
+    if run.info.is_main:
+        with open(run.run_dir / "eval_positions.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **result["per_position"]}) + "\n")
     row.add({"time/eval": timer.seconds["eval"]}, "max")
     run.eval_samples = result["samples"]  # the latest thoughts on held-out text, for the report
 

@@ -80,6 +80,10 @@ def test_run_folder_evaluates_base_and_every_checkpoint_with_reports(tiny_config
     assert report["schema"] == "rntp.eval/1" and report["positions"] == 6
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert on_disk["results"][2]["metrics"] == report["results"][2]["metrics"]
+    per = on_disk["results"][2]["per_position"]  # the values at each position, whose means are the metrics
+    assert len(per["keys"]) == 6 and per["keys"] == on_disk["results"][0]["per_position"]["keys"]
+    for name, values in per["values"].items():
+        assert sum(values) / 6 == pytest.approx(on_disk["results"][2]["metrics"][name], rel=1e-6, abs=1e-9), name
     for name in ("eval.md", "eval.html", "eval.csv", "eval.png"):
         assert (tmp_path / "eval" / name).stat().st_size > 0
     assert "| step_000002 | 2 |" in (tmp_path / "eval" / "eval.md").read_text()
@@ -98,6 +102,22 @@ def test_periodic_eval_during_training(tiny_config, tmp_path):
     m = {k[len("eval/"):]: v for k, v in rows[2].items() if k.startswith("eval/")}
     assert m["info_gain_empty"] + m["info_gain_content"] == pytest.approx(m["info_gain"], abs=1e-9)
     assert (tmp_path / "run" / "heldout.md").read_text().count("\n| ") >= 3
+    # every evaluation's values at each position, for rntp compare: their means are the logged metrics
+    from rntp.evaluate import PER_POSITION
+
+    saved = [json.loads(line) for line in open(tmp_path / "run" / "eval_positions.jsonl")]
+    assert [r["step"] for r in saved] == [0, 2, 3]
+    logged = {r["step"]: r for r in rows}
+    for r in saved:
+        assert r["keys"] == saved[0]["keys"] and len(set(r["keys"])) == 6  # the same 6 positions each time
+        for name in PER_POSITION:
+            assert len(r["values"][name]) == 6
+            mean = sum(r["values"][name]) / 6
+            assert mean == pytest.approx(logged[r["step"]][f"eval/{name}"], rel=1e-6, abs=1e-9), name
+    from rntp.compare import compare
+
+    compare([str(tmp_path / "run")], tmp_path / "cmp", resamples=100)
+    assert "| run | 1 | 6 | 3 |" in (tmp_path / "cmp" / "compare.md").read_text()  # one seed, 6 positions
 
 
 def test_the_empty_thought_score_is_the_target_after_the_tags_alone(tiny_config, tiny_model_dir, tokenizer):
