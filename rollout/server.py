@@ -343,6 +343,7 @@ def serve_command(model_path: str, cfg: Config, *, host: str, port: int, max_mod
     env = {"VLLM_SERVER_DEV_MODE": "1", auth.SECRET_ENV: secret}
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
-    else:
+    else:  # as the in-process CPU engine (rollout/vllm_sampler.py): seeded requests split by chunked
+        argv.append("--no-enable-chunked-prefill")  # prefill kill vLLM 0.32's CPU engine
         env["VLLM_CPU_KVCACHE_SPACE"] = cpu_kv_cache_space(vllm)
     return argv + vllm_args, {**os.environ, **env}
