@@ -163,6 +163,11 @@ class RolloutConfig(Section):
     """vLLM samplers: a seed on every request, so a run (and a resumed run) draws the same thoughts for
     the same seed and weights. false lets vLLM sample from its engine generator: faster on GPUs (FlashInfer
     sampling, no per-request loop), but a resumed run then draws other thoughts than an uninterrupted one."""
+    max_staleness: int = Field(0, ge=0)
+    """k: the batch of step t is sampled by the weights after step t - 1 - k, in the background while
+    the trainer works on earlier batches (`rntp/rollout_queue.py`); 0 = the synchronous loop. Server
+    mode only (colocated engines share the trainer's GPUs); the lag is corrected like any
+    sampler/trainer mismatch (`grpo.mismatch_correction`)."""
     check_sync_every: int = Field(0, ge=0)
     """After a weight push every N steps, compare the sampler's log-probs of one rollout with the trainer's
     (metric `sync/max_logprob_diff`); 0 = off. vLLM only."""
@@ -173,6 +178,9 @@ class RolloutConfig(Section):
     def _server_named(self) -> "RolloutConfig":
         if self.sampler == "server" and not self.server.urls:
             raise ValueError("rollout.sampler=server needs rollout.server.urls (start servers with `rntp serve`)")
+        if self.max_staleness and self.sampler != "server":
+            raise ValueError(f"rollout.max_staleness={self.max_staleness} needs rollout.sampler=server: a colocated "
+                             "engine shares the trainer's devices, so its loop stays synchronous")
         return self
 
 

@@ -40,6 +40,7 @@ from rntp.models import load_policy, load_tokenizer, load_trainable
 from rntp.packing import build_packs, check_packed_forward, packed_logprobs, packs_per_step
 from rntp.prepare import resolve_model_path
 from rntp.think_tokens import base_model_path, run_tokenizer
+from rntp.rollout_queue import RolloutQueue
 from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
 from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
@@ -247,6 +248,8 @@ class Run:
     dropped_nonfinite: int = 0  # groups dropped so far (cumulative metrics)
     dropped_low_spread: int = 0
     eval_samples: list[dict] | None = None  # thoughts from the latest held-out evaluation
+    queue: RolloutQueue | None = None  # batches sampled ahead (rollout.max_staleness)
+    ahead: dict | None = None  # ... the finished ones a resumed checkpoint held
 
 
 def train(cfg: Config) -> Path | None:
@@ -267,13 +270,13 @@ def train(cfg: Config) -> Path | None:
         reduced = reduce_rows(all_gather_object(row))
         if run.info.is_main:
             run.metrics.log(0, reduced)
+    run.queue.start(run.start_step + 1, done=run.ahead)  # with max_staleness: batches start sampling ahead
     bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
                disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True)
     for step in bar:
         timer = PhaseTimer()
-        positions = run.stream.take(run.positions_per_rank)                      # positions
-        with timer("sample"):
-            rollouts = sample(run, positions, step)                              # sample
+        with timer("sample"):  # positions and G thoughts each (sampled ahead with max_staleness)
+            positions, rollouts = run.queue.take(step)                           # positions, sample
         with timer("score"):
             scored = score(run, positions, rollouts)                             # score
         rewards, baseline = reward(run, positions, rollouts, scored)              # score -> reward
@@ -284,6 +287,8 @@ def train(cfg: Config) -> Path | None:
             sync_diff = sync(run, step, positions, rollouts)                     # sync
         row = metrics_row(run, positions=positions, rollouts=rollouts, scored=scored, rewards=rewards,   # log
                           baseline=baseline, adv=adv, update=update, lr=lr, timer=timer, sync_diff=sync_diff)
+        if run.queue.lag:
+            run.queue.add_metrics(row, step, rollouts)
         if run.evalset is not None and (step % cfg.eval.every == 0 or step == cfg.train.steps):
             held_out(run, row, step)                                             # held-out evaluation
         log_step(run, step, reduce_rows(all_gather_object(row)), positions, rollouts, rewards, bar)
@@ -382,7 +387,7 @@ def start_run(cfg: Config) -> Run:
         evalset = build_eval_set(cfg, tokenizer, engine.model if difficulty_path == model_path else
                                  load_policy(difficulty_path, cfg, info.device))
         engine.train(True)
-    start_step = 0
+    start_step, ahead = 0, {}
     if resume_dir is not None:
         state = load_trainer_state(resume_dir)
         if len(state["ranks"]) != info.world_size:
@@ -390,6 +395,10 @@ def start_run(cfg: Config) -> Run:
         engine.load(resume_dir, state)
         stream.load_state(state["ranks"][info.rank]["data"])
         set_rng_state(state["ranks"][info.rank]["rng"])
+        ahead = state["ranks"][info.rank].get("ahead") or {}
+        if ahead and state["ranks"][info.rank]["max_staleness"] != cfg.rollout.max_staleness:
+            raise ValueError(f"{resume_dir} holds batches sampled ahead with rollout.max_staleness="
+                             f"{state['ranks'][info.rank]['max_staleness']}; resume it with the same")
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_step = state["step"]
@@ -402,12 +411,16 @@ def start_run(cfg: Config) -> Run:
                            vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
     if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
-    return Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
+    run = Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
                token_bytes=token_bytes_fn(tokenizer), stream=stream, engine=engine, sampler=sampler, initial=initial,
                ema=ema, baseline_model={"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline],
                evalset=evalset, positions_per_rank=positions_per_rank, start_step=start_step,
                config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), resume_dir=resume_dir,
-               resume_inside=resume_inside)
+               resume_inside=resume_inside, ahead=ahead)
+    run.queue = RolloutQueue(lag=cfg.rollout.max_staleness, last=cfg.train.steps,
+                             draw=lambda: run.stream.take(run.positions_per_rank),
+                             sample=lambda positions, step: sample(run, positions, step), stream_state=run.stream.state)
+    return run
 
 
 def open_logs(run: Run) -> None:
@@ -499,11 +512,14 @@ def sync(run: Run, step: int, positions: list[Position], rollouts: list[Rollout]
     weights = run.engine.weights(cfg.dist.weight_bucket_mb)
     if run.ema is not None:  # the EMA teacher follows the policy slowly (RLP), from the same gather
         weights = weights.tap(partial(follow, run.ema, 1 - cfg.reward.ema_decay))
+    run.queue.drain()  # batches sampled ahead finish on the old weights: a push never races a request
     run.sampler.push_weights(weights)
+    gap = None
     if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \
             hasattr(run.sampler, "prompt_logprobs"):
-        return sampler_sync_error(run.sampler, run.engine, rollouts[0], positions[rollouts[0].group].target)
-    return None
+        gap = sampler_sync_error(run.sampler, run.engine, rollouts[0], positions[rollouts[0].group].target)
+    run.queue.after_push()  # with max_staleness: the batch these weights sample starts now
+    return gap
 
 
 def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout], scored: Scored, rewards: torch.Tensor,
@@ -565,6 +581,7 @@ def held_out(run: Run, row: MetricsRow, step: int) -> None:
     """The policy on the fixed held-out positions (`rntp.evaluate`), into `row` as eval/*; rank 0 appends
     the values at every position to eval_positions.jsonl (for `rntp compare`'s paired intervals)."""
     timer = PhaseTimer()
+    run.queue.drain()  # one client at a time on the samplers
     with timer("eval"):
         result = evaluate_policy(run.engine.model, run.sampler, run.tags, run.evalset, run.cfg, progress=False)
     row.add({f"eval/{k}": v for k, v in result["metrics"].items()})
@@ -594,13 +611,15 @@ def log_step(run: Run, step: int, row: dict, positions: list[Position], rollouts
 
 def checkpoint(run: Run, step: int) -> None:
     """Every rank: the model, optimizer, each rank's data cursor and RNG, the EMA teacher."""
-    rank_state = {"data": run.stream.state(), "rng": rng_state()}
+    cursor, ahead = run.queue.state()  # the data cursor and batches sampled ahead (max_staleness)
+    rank_state = {"data": cursor, "rng": rng_state(), "ahead": ahead, "max_staleness": run.queue.lag}
     common = {"ema": run.ema.state_dict()} if run.ema is not None else {}
     save_checkpoint(run.run_dir, step, run.engine, run.tokenizer, rank_state, common, run.config_yaml)
 
 
 def finish_run(run: Run) -> Path:
     """Close the sampler and logs, print where things are, leave the process group; the last checkpoint."""
+    run.queue.close()
     run.sampler.close()
     final = find_checkpoint(run.run_dir, checksums=False)  # just written and verified by size; no re-hash
     if run.info.is_main:

@@ -40,6 +40,8 @@ class Rollout:
     # log p of each of the n_sampled tokens under the distribution the sampler drew it from (after
     # temperature and top-p, in the sampler's own precision and kernels); None if not reported
     behaviour_logprobs: list[float] | None = None
+    # the weights that sampled it: those after this training step (0 = the initial weights)
+    policy_version: int | None = None
 
 
 class ThinkTags:
