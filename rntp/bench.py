@@ -426,6 +426,35 @@ def seeded_requests(cfg: Config, repeats: int) -> None:
     sampler.close()
 
 
+def async_overlap(url: str, config: str | None, overrides: list[str], steps: int = 6) -> None:
+    """The training loop against the same local server, synchronous (max_staleness 0) and one step
+    off-policy (1): median step time, the trainer's wait for batches and the sampler's idle time per
+    step (after the first step)."""
+    from rntp.config import load_config
+    from rntp.train import train
+
+    print("\n== asynchronous rollouts (server mode, same server, same seeds) ==")
+    figures = {}
+    for lag in (0, 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = load_config(config, [*overrides, f"run_dir={tmp}/run", f"train.steps={steps}",
+                                       "rollout.sampler=server", f"rollout.server.urls=[{url}]",
+                                       "rollout.server.weight_transfer=gloo",
+                                       f"rollout.max_staleness={lag}", "eval.every=0", "log.wandb_mode=disabled",
+                                       "log.plot=false", "log.progress=false"])
+            train(cfg)
+            rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")][1:]
+        def med(key, rows=rows):
+            return statistics.median(r.get(key, 0.0) for r in rows)
+
+        figures[lag] = med("time/step")
+        phases = "  ".join(f"{p} {med(f'time/{p}'):.2f}" for p in ("sample", "score", "update", "sync"))
+        print(f"max_staleness={lag}: step {med('time/step'):.2f} s ({phases})" + (
+            f"; trainer waited {med('async/trainer_idle_s'):.2f} s, sampler idle {med('async/sampler_idle_s'):.2f} s"
+            if lag else ""))
+    print(f"step time, one step off-policy / synchronous: {figures[1] / figures[0]:.2f}x")
+
+
 def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) -> None:
     """Server mode vs the in-process engine, same model, same requests: sampling throughput ratio
     and the time to push the full weights (gloo transfer vs in-process reload)."""
@@ -487,6 +516,7 @@ def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) ->
               f"{med['push_local']:.2f} s in-process ({size_mb / med['push_remote']:.0f} MB/s over gloo)")
         remote.close()
         local.close()
+        async_overlap(url, config, overrides)
     finally:
         server.terminate()
         try:

@@ -141,6 +141,7 @@ class RolloutQueue:
         return cursor, done
 
     def close(self) -> None:
+        """At the end no batch is in flight (none starts past the last step); on a stop request the one
+        in flight is abandoned: the checkpoint's cursor has it sampled again on resume."""
         if self.pool is not None:
-            self.drain()
-            self.pool.shutdown()
+            self.pool.shutdown(wait=False, cancel_futures=True)
