@@ -1,4 +1,4 @@
-"""`rntp` command line: train, plan, serve, eval, sweep, compare, rewards, prepare-model, prepare-data."""
+"""`rntp` command line: train, plan, serve, eval, lm-eval, sweep, compare, rewards, prepare-model, prepare-data."""
 
 from __future__ import annotations
 
@@ -89,6 +89,22 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
     p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
     p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
+    p_lm = sub.add_parser("lm-eval", help="downstream tasks through lm-evaluation-harness, plainly or thinking "
+                          "first (results beside the held-out report)")
+    p_lm.add_argument("--model", action="append", required=True,
+                      help="a model folder, checkpoint or run folder (its base model and last checkpoint); repeatable")
+    p_lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    p_lm.add_argument("--include", help="a folder of your own lm-eval task YAMLs")
+    p_lm.add_argument("--think", default="off", choices=["off", "on", "both"],
+                      help="off: lm-eval's HF model as it is; on: one RNTP thought after each context first (its "
+                      "budget, temperature and seed from the eval section); both: off then on (default off)")
+    p_lm.add_argument("--limit", type=float, help="documents per task (a fraction when below 1)")
+    p_lm.add_argument("--num-fewshot", type=int)
+    p_lm.add_argument("--batch-size", type=int, default=8)
+    p_lm.add_argument("--device", help="default: cuda where available, else cpu")
+    p_lm.add_argument("--config", help="YAML config (tags, thought budget); default: the run's own")
+    p_lm.add_argument("--out", help="output folder (default: <first model or run>/eval)")
+    p_lm.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.max_thought_tokens=64")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
     args, passthrough = parser.parse_args(argv[:split]), argv[split + 1 :]
@@ -136,6 +152,21 @@ def main(argv: list[str] | None = None) -> int:
             report = run_eval(args.model, cfg, out, args.sampler)
             print(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
                   f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
+        elif args.command == "lm-eval":
+            from pathlib import Path
+
+            from rntp.downstream import run_lm_eval
+            from rntp.evaluate import eval_config
+
+            cfg, source = eval_config(args.model, args.config, list(args.overrides))
+            print(f"config: {source}", flush=True)
+            out = Path(args.out) if args.out else Path(args.model[0]) / "eval" if Path(args.model[0]).is_dir() \
+                else Path("runs") / "eval"
+            limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
+            report = run_lm_eval(args.model, cfg, out, [t for t in args.tasks.split(",") if t], include=args.include,
+                                 think=args.think, limit=limit, num_fewshot=args.num_fewshot,
+                                 batch_size=args.batch_size, device=args.device)
+            print(f"lm-eval: {len(report['results'])} result(s) -> {out / 'lm_eval.json'}, {out / 'lm_eval.md'}")
         elif args.command == "sweep":
             from rntp.sweep import run_sweep
 
