@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     seeded_requests(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
+        async_overlap(args.config, args.overrides, args.steps + 1)
 
 
 def mismatch(args: argparse.Namespace, cfg: Config, rows: list[dict], step_s: float) -> None:
@@ -426,40 +427,61 @@ def seeded_requests(cfg: Config, repeats: int) -> None:
     sampler.close()
 
 
-def async_overlap(url: str, config: str | None, overrides: list[str], steps: int = 6) -> None:
-    """The training loop against the same local server, synchronous (max_staleness 0) and one step
-    off-policy (1): median step time, the trainer's wait for batches and the sampler's idle time per
-    step (after the first step)."""
+def local_server(config: str | None, overrides: list[str], log=None):
+    """`rntp serve` on a free loopback port (gloo weight transfer): the process and its URL."""
+    import subprocess
+    import sys
+
+    from rollout.net import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
+                             *(["--config", config] if config else []), *overrides,
+                             "rollout.server.weight_transfer=gloo"],
+                            stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT if log else subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def async_overlap(config: str | None, overrides: list[str], steps: int = 6) -> None:
+    """The training loop against one local server (started here; its log in a temporary file),
+    synchronous (max_staleness 0) and one step off-policy (1): median step time and phases, the
+    trainer's wait for batches, the sampler's idle time and the mismatch per step (after the first)."""
     from rntp.config import load_config
     from rntp.train import train
 
-    print("\n== asynchronous rollouts (server mode, same server, same seeds) ==")
+    print("\n== asynchronous rollouts (server mode, one server, same seeds) ==")
+    log = tempfile.NamedTemporaryFile("w+", suffix="-server.log", delete=False)
+    server, url = local_server(config, overrides, log)
     figures = {}
-    for lag in (0, 1):
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(config, [*overrides, f"run_dir={tmp}/run", f"train.steps={steps}",
-                                       "rollout.sampler=server", f"rollout.server.urls=[{url}]",
-                                       "rollout.server.weight_transfer=gloo",
-                                       f"rollout.max_staleness={lag}", "eval.every=0", "log.wandb_mode=disabled",
-                                       "log.plot=false", "log.progress=false"])
-            train(cfg)
-            rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")][1:]
-        def med(key, rows=rows):
-            return statistics.median(r.get(key, 0.0) for r in rows)
-
-        figures[lag] = med("time/step")
-        phases = "  ".join(f"{p} {med(f'time/{p}'):.2f}" for p in ("sample", "score", "update", "sync"))
-        print(f"max_staleness={lag}: step {med('time/step'):.2f} s ({phases})" + (
-            f"; trainer waited {med('async/trainer_idle_s'):.2f} s, sampler idle {med('async/sampler_idle_s'):.2f} s"
-            if lag else ""))
-    print(f"step time, one step off-policy / synchronous: {figures[1] / figures[0]:.2f}x")
+    try:
+        for lag in (0, 1):
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = load_config(config, [*overrides, f"run_dir={tmp}/run", f"train.steps={steps}",
+                                           "rollout.sampler=server", f"rollout.server.urls=[{url}]",
+                                           "rollout.server.weight_transfer=gloo", f"rollout.max_staleness={lag}",
+                                           "eval.every=0", "log.wandb_mode=disabled", "log.plot=false",
+                                           "log.progress=false"])
+                train(cfg)
+                rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")][1:]
+            med = {key: statistics.median(r.get(key, 0.0) for r in rows) for key in rows[0]}
+            figures[lag] = med["time/step"]
+            phases = "  ".join(f"{p} {med[f'time/{p}']:.2f}" for p in ("sample", "score", "update", "sync"))
+            print(f"max_staleness={lag}: step {med['time/step']:.2f} s ({phases})" + (
+                f"; trainer waited {med['async/trainer_idle_s']:.2f} s, sampler idle "
+                f"{med['async/sampler_idle_s']:.2f} s" if lag else ""))
+            print(f"  mismatch: mean |log ratio| {med['mismatch/mean_abs_log_ratio']:.2e}, k3 KL "
+                  f"{med['mismatch/kl_k3']:.2e}, IS weight {med['mismatch/is_weight_mean']:.4f}, corrected "
+                  f"{100 * med['mismatch/corrected_frac']:.2f}% of thought tokens")
+    finally:
+        server.terminate()
+        server.wait(60)
+    print(f"step time, one step off-policy / synchronous: {figures[1] / figures[0]:.2f}x  (server log: {log.name})")
 
 
 def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) -> None:
     """Server mode vs the in-process engine, same model, same requests: sampling throughput ratio
     and the time to push the full weights (gloo transfer vs in-process reload)."""
     import subprocess
-    import sys
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -469,14 +491,8 @@ def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) ->
     from rntp.think_tokens import base_model_path
     from rollout import SamplingSpec, ThinkTags, make_sampler
     from rollout.base import WeightStream
-    from rollout.net import free_port
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "rntp", "serve", "--host", "127.0.0.1", "--port", str(port),
-                               *(["--config", config] if config else []), *overrides,
-                               "rollout.server.weight_transfer=gloo"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server, url = local_server(config, overrides)
     try:
         t0 = time.perf_counter()
         server_cfg = load_config(None, ["rollout.sampler=server", f"rollout.server.urls=[{url}]",
@@ -516,7 +532,6 @@ def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) ->
               f"{med['push_local']:.2f} s in-process ({size_mb / med['push_remote']:.0f} MB/s over gloo)")
         remote.close()
         local.close()
-        async_overlap(url, config, overrides)
     finally:
         server.terminate()
         try:
