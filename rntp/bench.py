@@ -344,24 +344,35 @@ class PeakMemory:
             self.peak_gb = (max(self.peak, self._rss()) - self.start) / 2**30
 
 
-def sampler_ratio(cfg: Config, repeats: int) -> None:
-    """Our sampler vs raw `LLM.generate` on identical requests, on one engine, interleaved."""
+def vllm_engine(cfg: Config, positions: int, section: str):
+    """An in-process vLLM engine on the config's model and the prompts of its first `positions`
+    positions; (None, None) with a line saying `section` is skipped where vLLM is not in use."""
     from transformers import AutoTokenizer
 
     from rntp.data import PositionStream
     from rntp.think_tokens import base_model_path
-    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout import ThinkTags, make_sampler
     from rollout.vllm_utils import vllm_available
 
     if cfg.rollout.sampler == "hf" or not vllm_available():
-        print("sampler ratio: skipped (vLLM not in use)")
-        return
+        print(f"{section}: skipped (vLLM not in use)")
+        return None, None
     path = base_model_path(cfg)
     tokenizer = AutoTokenizer.from_pretrained(path)
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
                            cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
-    prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)]
+    return sampler, [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(positions)]
+
+
+def sampler_ratio(cfg: Config, repeats: int) -> None:
+    """Our sampler vs raw `LLM.generate` on identical requests, on one engine, interleaved."""
+
+    from rollout import SamplingSpec
+
+    sampler, prompts = vllm_engine(cfg, cfg.train.positions_per_step, "sampler ratio")
+    if sampler is None:
+        return
     spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
                         cfg.rollout.top_p, seed=1)
     inputs, params = sampler.requests(prompts, spec)
@@ -394,22 +405,12 @@ def seeded_requests(cfg: Config, repeats: int) -> None:
     shows."""
     from dataclasses import replace
 
-    from transformers import AutoTokenizer
 
-    from rntp.data import PositionStream
-    from rntp.think_tokens import base_model_path
-    from rollout import SamplingSpec, ThinkTags, make_sampler
-    from rollout.vllm_utils import vllm_available
+    from rollout import SamplingSpec
 
-    if cfg.rollout.sampler == "hf" or not vllm_available():
-        print("seeded requests: skipped (vLLM not in use)")
+    sampler, prompts = vllm_engine(cfg, 8, "seeded requests")
+    if sampler is None:
         return
-    path = base_model_path(cfg)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
-    sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=cfg.data.chunk_tokens +
-                           cfg.rollout.max_thought_tokens + 16, vllm_cfg=cfg.rollout.vllm)
-    prompts = [tags.prompt(p.context) for p in PositionStream(cfg.data, tokenizer).take(8)]
     seeded = SamplingSpec(16, cfg.rollout.max_thought_tokens, cfg.rollout.temperature, cfg.rollout.top_p, seed=1)
     times: dict[bool, list[float]] = {True: [], False: []}
     tokens = {}
