@@ -367,7 +367,6 @@ def vllm_engine(cfg: Config, positions: int, section: str):
 
 def sampler_ratio(cfg: Config, repeats: int) -> None:
     """Our sampler vs raw `LLM.generate` on identical requests, on one engine, interleaved."""
-
     from rollout import SamplingSpec
 
     sampler, prompts = vllm_engine(cfg, cfg.train.positions_per_step, "sampler ratio")
