@@ -1,4 +1,5 @@
-"""`rntp` command line: train, plan, serve, eval, lm-eval, sweep, compare, rewards, prepare-model, prepare-data."""
+"""`rntp` command line: train, plan, serve, eval, lm-eval, export, sweep, compare, rewards, prepare-model,
+prepare-data."""
 
 from __future__ import annotations
 
@@ -89,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
     p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
     p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
+    p_export = sub.add_parser("export", help="a plain Hugging Face folder from a checkpoint (a LoRA adapter merged "
+                              "into its base), loadable by transformers and vLLM")
+    p_export.add_argument("--model", required=True, help="a checkpoint, or a run folder (its newest intact checkpoint)")
+    p_export.add_argument("--out", required=True, help="the folder to write (new or empty)")
+    p_export.add_argument("--base", help="a LoRA checkpoint's base model (default: the one its adapter_config.json "
+                          "names, else the base its rntp_config.yaml describes)")
+    p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p_lm = sub.add_parser("lm-eval", help="downstream tasks through lm-evaluation-harness, plainly or thinking "
                           "first (results beside the held-out report)")
     p_lm.add_argument("--model", action="append", required=True,
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
                                  think=args.think, limit=limit, num_fewshot=args.num_fewshot,
                                  batch_size=args.batch_size, device=args.device)
             print(f"lm-eval: {len(report['results'])} result(s) -> {out / 'lm_eval.json'}, {out / 'lm_eval.md'}")
+        elif args.command == "export":
+            from rntp.lora import export
+
+            print(export(args.model, args.out, base=args.base, dtype=args.dtype))
         elif args.command == "sweep":
             from rntp.sweep import run_sweep
 

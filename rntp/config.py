@@ -34,6 +34,23 @@ class Section(BaseModel):
         return value
 
 
+class LoRAConfig(Section):
+    """LoRA adapters (PEFT) instead of full weights: only the adapter trains; samplers serve it on the
+    base they hold once, and a push moves the adapter, not the model (`rntp/lora.py`)."""
+
+    enabled: bool = False
+    """Train a LoRA adapter on the frozen base instead of all weights (plain, DDP, DeepSpeed ZeRO-1/2)."""
+    rank: int = Field(16, ge=1, le=512)
+    """r, the adapter's rank (vLLM serves up to 512)."""
+    alpha: float = Field(32.0, gt=0)
+    """lora_alpha: the update is scaled by alpha / rank."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input while training (off in scoring, sampling and the frozen views)."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Module names (suffixes) that get an adapter, or `all-linear`: every linear layer but the output head.
+    Embeddings and the head are refused (vLLM does not serve adapters on them)."""
+
+
 class ModelConfig(Section):
     name_or_path: str = "smollm2-135m"
     """A local Hugging Face folder, a hub name (where the network allows), or `smollm2-135m`, the offline
@@ -46,6 +63,7 @@ class ModelConfig(Section):
     """Recompute activations in backward (transformers' gradient checkpointing)."""
     trust_remote_code: bool = False
     """Let transformers run a model's own code from its folder or the hub."""
+    lora: LoRAConfig = LoRAConfig()
 
 
 class DataConfig(Section):
@@ -132,6 +150,10 @@ class ServerConfig(Section):
     startup_timeout_s: float = Field(600, gt=0, description="how long to wait for the servers to answer")
     max_concurrent_requests: int = Field(64, ge=1)
     """HTTP requests in flight at once, per rank."""
+    adapter_dir: str | None = None
+    """LoRA runs: the folder trainer rank 0 writes the adapter to at every push, for the servers to load
+    (`/v1/load_lora_adapter`): a path they read (a shared file system when they run elsewhere). None = a
+    temporary folder on this machine, for servers on it only."""
     secret_file: str | None = None
     """File holding the shared secret every route of an `rntp serve` server but /health requires (the
     trainer sends it as a bearer token), readable by its owner only (mode 600). None = the secret in
@@ -367,6 +389,19 @@ class Config(Section):
     eval: EvalConfig = EvalConfig()
     dist: DistConfig = DistConfig()
     log: LogConfig = LogConfig()
+
+    @model_validator(mode="after")
+    def _lora_backend(self) -> "Config":
+        if self.model.lora.enabled and (self.dist.backend == "fsdp2" or
+                                        (self.dist.backend == "deepspeed" and self.dist.zero_stage == 3)):
+            raise ValueError("model.lora.enabled needs dist.backend none, ddp or deepspeed with zero_stage 1-2, not "
+                             f"{self.dist.backend}{' zero_stage 3' if self.dist.backend == 'deepspeed' else ''}: "
+                             "the adapter and its optimizer state are small, and sharding the frozen base (FSDP2's "
+                             "meta-device build, ZeRO-3's partitioned layers) under PEFT's adapter is not implemented")
+        if self.model.lora.enabled and self.rollout.vllm.sleep_level == 2:
+            raise ValueError("model.lora.enabled with rollout.vllm.sleep_level=2: level 2 drops the engine's base "
+                             "weights, which a LoRA run never pushes back (only the adapter moves); use 1")
+        return self
 
 
 class ConfigError(ValueError):

@@ -214,7 +214,6 @@ def discover(paths: list[str]) -> list[dict]:
     import yaml
 
     from rntp.checkpoint import checkpoint_problem
-    from rntp.prepare import resolve_model_path
     from rntp.think_tokens import base_model_path
 
     found = []
@@ -231,15 +230,24 @@ def discover(paths: list[str]) -> list[dict]:
                 if problem := checkpoint_problem(c):  # a damaged checkpoint is named and left out
                     log.warning("skipping damaged checkpoint %s: %s", c, problem)
                     continue
-                found.append({"label": c.name, "step": int(c.name.split("_")[1]), "path": resolve_model_path(str(c))})
+                found.append({"label": c.name, "step": int(c.name.split("_")[1]), "path": model_or_adapter(c)})
         else:
-            found.append({"label": Path(path).name or path, "step": None, "path": resolve_model_path(path)})
+            found.append({"label": Path(path).name or path, "step": None, "path": model_or_adapter(path)})
     return found
+
+
+def model_or_adapter(path) -> str:
+    """A model path, checked (`resolve_model_path`), or a LoRA checkpoint's folder (merged when evaluated)."""
+    from rntp import lora
+    from rntp.prepare import resolve_model_path
+
+    return str(path) if lora.is_adapter_folder(path) else resolve_model_path(str(path))
 
 
 def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: str = "auto") -> dict:
     from transformers import AutoTokenizer
 
+    from rntp import lora
     from rntp.prepare import resolve_model_path
     from rntp.models import load_policy
     from rollout import make_sampler
@@ -253,15 +261,16 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     results = []
     for entry in tqdm(models, desc="models", disable=len(models) == 1):
-        model = load_policy(entry["path"], cfg)
         if len(AutoTokenizer.from_pretrained(entry["path"])) != len(tokenizer):
             raise ValueError(f"{entry['path']} has a different tokenizer; positions would not be comparable")
-        budget = cfg.eval.max_thought_tokens or cfg.rollout.max_thought_tokens
-        sampler = make_sampler(sampler_kind, entry["path"], tags, policy=model, dtype=cfg.model.dtype,
-                               seed=cfg.eval.seed, max_model_len=cfg.data.chunk_tokens + budget + 16,
-                               vllm_cfg=cfg.rollout.vllm)
-        result = evaluate_policy(model, sampler, tags, evalset, cfg)
-        sampler.close()
+        with lora.plain_model_path(entry["path"]) as path:  # a LoRA checkpoint: merged into its base, for a while
+            model = load_policy(path, cfg)
+            budget = cfg.eval.max_thought_tokens or cfg.rollout.max_thought_tokens
+            sampler = make_sampler(sampler_kind, path, tags, policy=model, dtype=cfg.model.dtype,
+                                   seed=cfg.eval.seed, max_model_len=cfg.data.chunk_tokens + budget + 16,
+                                   vllm_cfg=cfg.rollout.vllm)
+            result = evaluate_policy(model, sampler, tags, evalset, cfg)
+            sampler.close()
         results.append({**entry, **result})
         log.info("%s: %s", entry["label"], {k: round(v, 4) for k, v in result["metrics"].items()
                                              if isinstance(v, float)})

@@ -33,14 +33,23 @@ def load_policy(path: str, cfg: Config, device: torch.device | None = None):
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def load_trainable(path: str, cfg: Config, info: DistInfo, micro_steps: int):
-    """The policy to train, for `Engine` (see the module docstring)."""
+def load_trainable(path: str, cfg: Config, info: DistInfo, micro_steps: int, adapter: str | None = None):
+    """The policy to train, for `Engine` (see the module docstring). With `model.lora` it is the base at
+    `path` wrapped in a fresh PEFT adapter (`rntp.lora`), or in the adapter saved in `adapter` (a resumed
+    checkpoint); the config refuses LoRA on the sharded backends."""
     backend = resolve_backend(cfg, info.world_size)
     if backend == "fsdp2":
         return _load_fsdp2(path, cfg, info)
     if backend == "deepspeed" and cfg.dist.zero_stage == 3:
         return _load_zero3(path, cfg, info, micro_steps)
-    return load_policy(path, cfg, info.device)
+    model = load_policy(path, cfg, info.device)
+    if cfg.model.lora.enabled:
+        from rntp import lora
+
+        model = lora.wrap(model, cfg.model.lora, base_path=path)
+        if adapter is not None:
+            lora.load_adapter_weights(model, adapter)
+    return model
 
 
 def _load_fsdp2(path: str, cfg: Config, info: DistInfo):

@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rntp import attention, grpo, stopping
+from rntp import attention, grpo, lora, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
@@ -362,15 +362,22 @@ def start_run(cfg: Config) -> Run:
     base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
     if not Path(base_path).exists() and not info.is_main:
         base_path = base_model_path(cfg)
-    model_path = str(resume_dir or base_path)
+    # model.lora: a checkpoint holds the adapter alone, so the base always loads from base_path
+    lora_on = cfg.model.lora.enabled
+    lora.check_resume(resume_dir, lora_on)
+    model_path = base_path if lora_on else str(resume_dir or base_path)
     # micro-passes per step: the update's own packing rule (`plan_packs`), so that no pack is left out
     passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
-    policy = load_trainable(model_path, cfg, info, passes)  # sharded as it loads under FSDP2 and ZeRO-3
+    policy = load_trainable(model_path, cfg, info, passes,  # sharded as it loads under FSDP2 and ZeRO-3
+                            adapter=str(resume_dir) if lora_on and resume_dir else None)
     policy.train()
-    initial = load_policy(base_path, cfg, info.device).eval().requires_grad_(False) if needs_initial else None
+    # with LoRA the frozen models share the policy's base (`rntp.lora`): the initial model is the base with the
+    # adapter off, the EMA teacher an EMA of the adapter on that base
+    initial = (lora.BaseView(policy) if lora_on else load_policy(base_path, cfg, info.device).eval()
+               .requires_grad_(False)) if needs_initial else None
     sharded = engine_class(cfg, info.world_size).shards_weights(cfg)
-    ema = make_ema(load_policy(model_path, cfg, info.device) if sharded else policy) \
-        if cfg.reward.baseline == "ema" else None
+    ema = (lora.AdapterEMA(policy) if lora_on else make_ema(load_policy(model_path, cfg, info.device) if sharded
+                                                             else policy)) if cfg.reward.baseline == "ema" else None
     # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
     sampler_model = load_policy(model_path, cfg, info.device).eval() if cfg.rollout.sampler == "hf" and sharded \
         else None
@@ -384,8 +391,8 @@ def start_run(cfg: Config) -> Run:
     if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
         difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
         engine.train(False)
-        evalset = build_eval_set(cfg, tokenizer, engine.model if difficulty_path == model_path else
-                                 load_policy(difficulty_path, cfg, info.device))
+        evalset = build_eval_set(cfg, tokenizer, (lora.BaseView(policy) if lora_on else engine.model)
+                                 if difficulty_path == model_path else load_policy(difficulty_path, cfg, info.device))
         engine.train(True)
     start_step, ahead = 0, {}
     if resume_dir is not None:
@@ -408,8 +415,10 @@ def start_run(cfg: Config) -> Run:
     # started vLLM servers, or transformers.
     sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=sampler_model or policy,
                            dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_sequence_len(cfg, tags),
-                           vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server)
-    if cfg.rollout.sampler == "server":  # servers start from the model on their disk, not this run's weights
+                           vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server,
+                           lora_rank=cfg.model.lora.rank if lora_on else None)
+    # servers start from the model on their disk, not this run's weights; vLLM serves a LoRA run's adapter once pushed
+    if cfg.rollout.sampler == "server" or lora_on:
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
     run = Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
                token_bytes=token_bytes_fn(tokenizer), stream=stream, engine=engine, sampler=sampler, initial=initial,

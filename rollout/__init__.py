@@ -20,8 +20,9 @@ __all__ = ["Rollout", "ThinkTags", "Sampler", "SamplingSpec", "WeightStream", "m
 
 def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dtype: str = "float32",
                  seed: int = 0, max_model_len: int = 2048, vllm_cfg: VllmConfig | None = None,
-                 server_cfg: ServerConfig | None = None) -> Sampler:
-    """kind: "vllm", "hf", "server" or "auto" (vLLM where installed, else transformers)."""
+                 server_cfg: ServerConfig | None = None, lora_rank: int | None = None) -> Sampler:
+    """kind: "vllm", "hf", "server" or "auto" (vLLM where installed, else transformers). `lora_rank`: a LoRA
+    run's adapter rank (vLLM engines then serve the pushed adapter on the base at `model_path`)."""
     if kind == "auto":
         kind = "vllm" if vllm_available() else "hf"
         log.info("sampler: %s", kind)
@@ -30,7 +31,7 @@ def make_sampler(kind: str, model_path: str, tags: ThinkTags, *, policy=None, dt
 
         vllm_cfg = vllm_cfg if vllm_cfg is not None else VllmConfig()
         return VLLMSampler(model_path, tags, dtype=engine_dtype(dtype, vllm_cfg), seed=seed,
-                           max_model_len=max_model_len, cfg=vllm_cfg)
+                           max_model_len=max_model_len, cfg=vllm_cfg, lora_rank=lora_rank)
     if kind == "hf":
         from rollout.hf_sampler import HFSampler
 

@@ -28,11 +28,14 @@ Bucket = list[tuple[str, torch.Tensor]]
 class WeightStream:
     """One round of the trainer's full weights for a sampler: buckets of (name, full tensor), made
     on demand by `buckets` (gathering from shards is collective, so every rank iterates), and
-    `metadata`, what they will hold: (name, dtype, full shape) in order, known without gathering."""
+    `metadata`, what they will hold: (name, dtype, full shape) in order, known without gathering.
+    With `adapter` (a LoRA run: adapter_config.json's contents) the tensors are the adapter's alone,
+    under PEFT's saved names; the sampler serves them on the base it holds."""
 
     buckets: Callable[[], Iterator[Bucket]]
     metadata: list[tuple[str, torch.dtype, tuple[int, ...]]]
     bucket_mb: float = 256  # about how large `buckets` makes them; a transport that re-packs follows it
+    adapter: dict | None = None
 
     @classmethod
     def of_module(cls, model: torch.nn.Module, bucket_mb: float = 256) -> "WeightStream":
@@ -55,7 +58,7 @@ class WeightStream:
             for bucket in self.buckets():
                 fn(bucket)
                 yield bucket
-        return WeightStream(buckets, self.metadata, self.bucket_mb)
+        return WeightStream(buckets, self.metadata, self.bucket_mb, self.adapter)
 
 
 class Sampler(Protocol):

@@ -13,6 +13,10 @@ server with its RL routes and a weight-transfer backend), then train with
   caches are reset and every rank waits at a barrier, so no rank samples with old weights.
 - Access: every route but `/health` needs the shared secret (`rollout.auth`); every call here
   carries it as a bearer token, and a 401 is one line naming `rollout.server.secret_file`.
+- LoRA (`model.lora`): servers started with vLLM's LoRA support serve the adapter on their base; a push
+  is rank 0 writing the adapter into `rollout.server.adapter_dir` (a folder the servers read) and asking
+  each server to load it (`/v1/load_lora_adapter`, which `VLLM_ALLOW_RUNTIME_LORA_UPDATING` opens); every
+  request then names the adapter. No weight-transfer group is formed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from requests.adapters import HTTPAdapter
 from urllib3.util.retry import Retry
 
-from rollout import auth
+from rollout import adapter, auth
 from rollout.base import SamplingSpec, WeightStream
 from rollout.net import free_port
 from rollout.spans import Rollout, ThinkTags
@@ -203,6 +207,7 @@ class ServerSampler:
         self.http.headers.update(auth.authorization(self.secret))
         self.model = [self._call("GET", url, "/v1/models")["data"][0]["id"] for url in self.urls][0]
         self.transfer = None  # vLLM's trainer-side engine, made at the first push
+        self.adapter_loaded = False  # a LoRA run: whether the servers hold the policy's adapter
 
     # -- HTTP ----------------------------------------------------------------------------------------
     def _wait_for(self, url: str) -> None:
@@ -218,7 +223,7 @@ class ServerSampler:
                                       f"({e}); start one with `rntp serve`") from None
                 time.sleep(2)
 
-    def _call(self, method: str, url: str, path: str, payload: dict | None = None) -> dict:
+    def _call(self, method: str, url: str, path: str, payload: dict | None = None, as_json: bool = True):
         response = self.http.request(method, f"{url}{path}", json=payload, timeout=self.cfg.timeout_s)
         if response.status_code == 401:
             raise ServerAuthError(f"{url}{path} answered 401: the server refused the trainer's shared secret, read "
@@ -227,9 +232,12 @@ class ServerSampler:
         if response.status_code == 404 and not path.startswith("/v1/"):
             raise ServerError(f"{url}{path} is missing: start the server with VLLM_SERVER_DEV_MODE=1 "
                               "(`rntp serve` does) so vLLM exposes its RL and cache routes")
+        if response.status_code == 404 and path in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            raise ServerError(f"{url}{path} is missing: start the server for a LoRA run (`rntp serve` with the "
+                              "run's model.lora, which sets VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 and --enable-lora)")
         if not response.ok:
             raise ServerError(f"{url}{path} answered {response.status_code}: {response.text[:500]}")
-        return response.json()
+        return response.json() if as_json else response.text
 
     def _complete(self, payloads: list[dict]) -> list[dict]:
         """One completion request per payload, spread over the servers (offset by rank so that
@@ -284,6 +292,9 @@ class ServerSampler:
     def push_weights(self, weights: WeightStream) -> None:
         import torch.distributed as dist
 
+        if weights.adapter is not None:
+            self._push_adapter(weights)
+            return
         if self.transfer is None:
             self.transfer = self._connect(weights)
         self.transfer.source = _weight_source(weights)  # this round's weights
@@ -293,6 +304,44 @@ class ServerSampler:
                 self._call("POST", url, "/reset_prefix_cache")
         if dist.is_initialized():
             dist.barrier()  # no rank samples before the servers hold the new weights
+
+    def _push_adapter(self, weights: WeightStream) -> None:
+        """A LoRA run's push: rank 0 writes the adapter where the servers read it and each server loads it;
+        then every rank names it in its requests. Each load is an unload and a load under the same name, so
+        the server gives it a new id: an in-place load would keep `load_inplace` on the request the server
+        stores for the name, and vLLM would then re-read the adapter from disk at every engine step
+        (vllm/lora/worker_manager.py). The old adapter is evicted (one slot)."""
+        import torch.distributed as dist
+
+        tensors = dict(weights.tensors())  # every rank iterates (a gather would be collective)
+        if self.rank == 0:
+            folder = self._adapter_folder()
+            adapter.save_adapter(folder, tensors, weights.adapter)
+            for url in self.urls:
+                if self.adapter_loaded:
+                    self._call("POST", url, "/v1/unload_lora_adapter", {"lora_name": adapter.NAME}, as_json=False)
+                self._call("POST", url, "/v1/load_lora_adapter", {"lora_name": adapter.NAME, "lora_path": str(folder)},
+                           as_json=False)
+                self._call("POST", url, "/reset_prefix_cache")  # its blocks hold the old adapter's keys and values
+        self.adapter_loaded = True
+        self.model = adapter.NAME
+        if dist.is_initialized():
+            dist.barrier()  # no rank samples before the servers hold the new adapter
+
+    def _adapter_folder(self):
+        """`rollout.server.adapter_dir`, or for servers on this machine a temporary folder."""
+        import tempfile
+        from pathlib import Path
+
+        if self.cfg.adapter_dir:
+            return Path(self.cfg.adapter_dir).expanduser().resolve()
+        remote = [url for url in self.urls if not _is_loopback(urlparse(url).hostname)]
+        if remote:
+            raise ValueError(f"a LoRA run pushes its adapter as a folder the servers read: set "
+                             f"rollout.server.adapter_dir to a path {remote[0]} sees (a shared file system)")
+        if getattr(self, "_tmp_adapter_dir", None) is None:
+            self._tmp_adapter_dir = tempfile.mkdtemp(prefix="rntp-adapter-")
+        return Path(self._tmp_adapter_dir)
 
     def sleep(self) -> None:
         pass  # the servers keep their memory; they do not share it with training
@@ -332,6 +381,7 @@ def serve_command(model_path: str, cfg: Config, *, host: str, port: int, max_mod
         raise ValueError("rntp serve guards every route with the shared secret (rollout.server.secret_file); "
                          "drop --api-key, which guards only /v1 and would ask for a second token there")
     vllm = cfg.rollout.vllm
+    lora = cfg.model.lora
     argv = [sys.executable, "-m", VLLM_SERVER_MODULE, "--model", model_path,
             "--host", host, "--port", str(port), "--dtype", engine_dtype(cfg.model.dtype, vllm),
             "--max-model-len", str(max_model_len), "--seed", str(cfg.train.seed), "--generation-config", "vllm",
@@ -341,6 +391,9 @@ def serve_command(model_path: str, cfg: Config, *, host: str, port: int, max_mod
     if vllm.enforce_eager:
         argv.append("--enforce-eager")
     env = {"VLLM_SERVER_DEV_MODE": "1", auth.SECRET_ENV: secret}
+    if lora.enabled:  # serve the run's adapter, loaded at every push through /v1/load_lora_adapter
+        argv += ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(adapter.vllm_max_lora_rank(lora.rank))]
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
     if torch.cuda.is_available():
         argv += ["--gpu-memory-utilization", str(vllm.gpu_memory_utilization)]
     else:  # as the in-process CPU engine (rollout/vllm_sampler.py): seeded requests split by chunked

@@ -5,7 +5,9 @@ new weights go in through `reload_weights`, the path that works with vLLM's CPU 
 Under torchrun each rank runs an engine inside the training world (vLLM's "external_launcher"
 colocation); with `tensor_parallel_size` > 1 an engine spans that many consecutive ranks, which
 then sample their prompts together. With `sleep_level` the engine frees its GPU memory between
-sampling and the weight push.
+sampling and the weight push. A LoRA run (`lora_rank`) starts the engine with vLLM's LoRA support; its
+pushes reload the adapter in place on the base the engine holds (`rollout/adapter.py`), and every
+request names it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Iterable
 import torch
 
 from rntp.config import VllmConfig
+from rollout import adapter
 from rollout.base import SamplingSpec
 from rollout.spans import Rollout, ThinkTags
 from rollout.vllm_utils import cpu_kv_cache_space, thought_request
@@ -26,7 +29,9 @@ log = logging.getLogger(__name__)
 
 class VLLMSampler:
     def __init__(self, model_path: str, tags: ThinkTags, *, dtype: str = "float32", seed: int = 0,
-                 max_model_len: int = 2048, cfg: VllmConfig | None = None):
+                 max_model_len: int = 2048, cfg: VllmConfig | None = None, lora_rank: int | None = None):
+        import tempfile
+
         import torch.distributed as dist
 
         cfg = cfg if cfg is not None else VllmConfig()
@@ -63,12 +68,18 @@ class VLLMSampler:
                       logprobs_mode="processed_logprobs",
                       enable_sleep_mode=self.sleep_level > 0,
                       distributed_executor_backend=executor)
+        if lora_rank is not None:  # one adapter, the policy's (max_loras=1), of up to this rank
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=adapter.vllm_max_lora_rank(lora_rank))
         if on_gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
         else:  # a seeded request split over steps by chunked prefill kills vLLM 0.32's CPU engine (it rewinds
             kwargs["enable_chunked_prefill"] = False  # the request's generator: "CPU Generator does not use offset")
         self.llm = LLM(**kwargs)
         self.asleep = False
+        # LoRA: where this rank writes the adapter for its engine, and the request that names it (after the
+        # first push; until then requests go to the base)
+        self.adapter_dir = tempfile.mkdtemp(prefix="rntp-adapter-") if lora_rank is not None else None
+        self.lora_request = None
 
     def _pooled(self, mine):
         """Every rank's `mine`, over this rank's tensor-parallel group (whose ranks must all submit the
@@ -83,8 +94,9 @@ class VLLMSampler:
         dist.all_gather_object(pooled, mine, group=group.cpu_group)
         return pooled, group.rank_in_group
 
-    def _generate(self, per_member, params_of):
-        """Generate every TP-group member's requests in one call; this rank's outputs back."""
+    def _generate(self, per_member, params_of, one_by_one: bool = False):
+        """Generate every TP-group member's requests in one call (`one_by_one`: a call per request, in the
+        same order on every member); this rank's outputs back."""
         self.wake_up()
         pooled, me = self._pooled(per_member)
         inputs, params, spans = [], [], []
@@ -93,7 +105,11 @@ class VLLMSampler:
             spans.append((len(inputs), len(inputs) + len(member_inputs)))
             inputs += member_inputs
             params += member_params
-        outputs = self.llm.generate(inputs, params, use_tqdm=False)
+        if one_by_one:
+            outputs = [out for i, p in zip(inputs, params)
+                       for out in self.llm.generate([i], [p], use_tqdm=False, lora_request=self.lora_request)]
+        else:
+            outputs = self.llm.generate(inputs, params, use_tqdm=False, lora_request=self.lora_request)
         start, end = spans[me]
         return outputs[start:end]
 
@@ -132,7 +148,11 @@ class VLLMSampler:
     def push_weights(self, weights: Iterable[list[tuple[str, torch.Tensor]]]) -> None:
         """All buckets in one `reload_weights` call. Each call is a whole reload cycle (vLLM readies
         every layer, loads, then finalises every layer), so a bucket that ended between q_proj and
-        k_proj, or gate and up, would leave the fused qkv/gate_up layer partly unloaded."""
+        k_proj, or gate and up, would leave the fused qkv/gate_up layer partly unloaded. A LoRA stream
+        (`weights.adapter`) is written to this rank's adapter folder and reloaded in place instead."""
+        if getattr(weights, "adapter", None) is not None:
+            self._push_adapter(weights)
+            return
         if self.asleep:  # weights first, so the KV cache is not allocated while they load
             self._free_cache()
             self.llm.wake_up(tags=["weights"])
@@ -147,6 +167,19 @@ class VLLMSampler:
             self.asleep = False
         self.llm.reset_prefix_cache()
 
+    def _push_adapter(self, weights) -> None:
+        """The adapter into the engine under the one id it serves, reloaded in place (`rollout/adapter.py`);
+        the base weights stay as the engine loaded them. Every rank of a TP group writes and loads its own."""
+        from vllm.lora.request import LoRARequest
+
+        if self.adapter_dir is None:
+            raise ValueError("a LoRA adapter was pushed to a vLLM engine started without LoRA (lora_rank)")
+        self.wake_up()  # sleep level 1 keeps the base in CPU memory; the adapter loads into the woken engine
+        adapter.save_adapter(self.adapter_dir, dict(weights.tensors()), weights.adapter)
+        self.llm.llm_engine.add_lora(LoRARequest(adapter.NAME, adapter.ID, self.adapter_dir, load_inplace=True))
+        self.lora_request = LoRARequest(adapter.NAME, adapter.ID, self.adapter_dir)
+        self.llm.reset_prefix_cache()
+
     @staticmethod
     def _free_cache() -> None:
         """Hand the trainer's cached but unused accelerator blocks back before vLLM allocates again."""
@@ -159,8 +192,11 @@ class VLLMSampler:
         from vllm.inputs import TokensPrompt
 
         params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        # vLLM 0.32's CPU LoRA head applies the adapter index of each request to a call's prompt-logprob rows
+        # (punica_cpu.add_lora_logits: `sampler_indices`, one per request): right only for one request a call
+        one_by_one = self.lora_request is not None and not torch.cuda.is_available()
         outs = self._generate(sequences, lambda seqs: ([TokensPrompt(prompt_token_ids=s) for s in seqs],
-                                                       [params] * len(seqs)))
+                                                       [params] * len(seqs)), one_by_one=one_by_one)
         result = []
         for seq, out in zip(sequences, outs):
             row = [None]
@@ -170,8 +206,12 @@ class VLLMSampler:
         return result
 
     def close(self) -> None:
+        import shutil
+
         try:
             self.llm.llm_engine.engine_core.shutdown()
         except Exception:  # best effort: the process may be exiting anyway
             pass
         del self.llm
+        if self.adapter_dir is not None:
+            shutil.rmtree(self.adapter_dir, ignore_errors=True)

@@ -14,9 +14,11 @@ from typing import Iterator
 
 import torch
 
+from rntp import lora
 from rntp.config import Config
 from rntp.distributed import DistInfo
 from rntp.engines.weights import layer_buckets
+from rollout.adapter import save_adapter
 from rollout.base import WeightStream
 
 
@@ -29,9 +31,11 @@ class Engine(ABC):
       `micro_pass(last)`, `last` true for the one just before `step()`.
     - `fixed_passes`: how many forward/backward passes every rank must run per optimizer step, or
       None when a rank may run as many as its rows need (see `update_policy`).
-    - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler.
+    - `weights()`: full (unsharded) weights in buckets, on every rank, for the sampler; with LoRA
+      (`adapter` set) the adapter's tensors only, under PEFT's names.
     - `save(dir)` / `load(dir)`: backend-native sharded state (optimizer included);
-      `export(dir, tokenizer)`: a consolidated Hugging Face folder, written by rank 0.
+      `export(dir, tokenizer)`: a consolidated Hugging Face folder, written by rank 0 (with LoRA, the
+      adapter in PEFT's format).
     - `close()`: at the end of a run, before the process group goes.
 
     `passes` is the number of micro-batch passes one optimizer step takes at most (the rows a rank
@@ -44,6 +48,19 @@ class Engine(ABC):
         self.model: torch.nn.Module = model  # what forward passes call (the backend's wrapper)
         self.optimizer: torch.optim.Optimizer
         self.scheduler: torch.optim.lr_scheduler.LRScheduler
+        # model.lora: adapter_config.json's contents (the adapter is what trains, moves and is saved)
+        self.adapter: dict | None = lora.adapter_config(model) if lora.is_peft(model) else None
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """What the optimizer steps: every parameter, or with LoRA the adapter's."""
+        return [p for p in self.raw.parameters() if p.requires_grad]
+
+    def pushed_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What the sampler gets, by name: every parameter (tied names included), or with LoRA the
+        adapter's under PEFT's saved names."""
+        if self.adapter is not None:
+            return lora.trainable(self.raw)
+        return list(self.raw.named_parameters(remove_duplicate=False))
 
     @classmethod
     def shards_weights(cls, cfg: Config) -> bool:
@@ -91,9 +108,8 @@ class Engine(ABC):
         """This step's weights for the sampler: buckets on demand, and their names, dtypes and full
         shapes known without gathering (ZeRO-3 keeps the full shape as `ds_shape`, a DTensor's
         shape is global)."""
-        metadata = [(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
-                    for name, p in self.raw.named_parameters(remove_duplicate=False)]
-        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata, bucket_mb)
+        metadata = [(name, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for name, p in self.pushed_parameters()]
+        return WeightStream(lambda: self.weight_buckets(bucket_mb), metadata, bucket_mb, adapter=self.adapter)
 
     def weight_buckets(self, bucket_mb: float = 256) -> Iterator[list[tuple[str, torch.Tensor]]]:
         """Full weights in buckets of about `bucket_mb`, gathered from shards where sharded, cut only
@@ -103,23 +119,31 @@ class Engine(ABC):
         return layer_buckets(self.full_tensors(), bucket_mb)
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, full tensor) for every parameter, tied names included; a DTensor is gathered."""
-        for name, p in self.raw.named_parameters(remove_duplicate=False):
+        """(name, full tensor) for every pushed parameter, tied names included; a DTensor is gathered."""
+        for name, p in self.pushed_parameters():
             yield name, (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights on CPU, keyed as the model's own state_dict (tied names included), on rank 0;
-        the other ranks take part in the gathers and keep nothing (empty dict)."""
-        keys = set(self.raw.state_dict())
+        the other ranks take part in the gathers and keep nothing (empty dict). With LoRA: the adapter's,
+        under PEFT's saved names."""
+        keys = set(self.raw.state_dict()) if self.adapter is None else None
         out = {}
         for name, tensor in self.full_tensors():
-            if self.info.is_main and name in keys:
+            if self.info.is_main and (keys is None or name in keys):
                 out[name] = tensor.cpu()
         return out
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def export(self, out_dir: Path, tokenizer) -> None:
-        """Consolidated Hugging Face folder (rank 0 writes; every rank must call)."""
+        """Consolidated Hugging Face folder (rank 0 writes; every rank must call); with LoRA the adapter
+        alone, in PEFT's format (`rntp export` merges it into its base)."""
+        if self.adapter is not None:
+            tensors = dict(self.full_tensors())
+            if self.info.is_main:
+                save_adapter(out_dir, tensors, self.adapter)
+                tokenizer.save_pretrained(out_dir)
+            return
         state = self.full_state_dict()
         if self.info.is_main:
             self.raw.save_pretrained(out_dir, state_dict=state, safe_serialization=True)

@@ -51,10 +51,17 @@ class DeepSpeedEngine(Engine):
         # DeepSpeed steps its scheduler at every optimizer pass (grpo.epochs per training step).
         epochs = cfg.grpo.epochs
         self.model, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=make_optimizer(model.parameters(), cfg.optim),
+            model=model, optimizer=make_optimizer(self.trainable_parameters(), cfg.optim),
             lr_scheduler=lambda opt: make_scheduler(opt, cfg.optim, total_steps, epochs),
             config=deepspeed_config(cfg, info.world_size, passes), dist_init_required=False)
         self.ds = self.model
+        if self.adapter is not None:  # a LoRA run's module state is the adapter alone. exclude_frozen_parameters
+            # (save) drops the frozen names named_parameters lists, which keeps a tied head's second name (the
+            # whole embedding matrix) in every checkpoint; so the module state is cut to the trained names here.
+            trained = {n for n, p in self.raw.named_parameters() if p.requires_grad}
+            whole = self.ds.module_state_dict
+            self.ds.module_state_dict = lambda *args, **kwargs: {k: v for k, v in whole(*args, **kwargs).items()
+                                                                 if k in trained}
 
     @classmethod
     def shards_weights(cls, cfg: Config) -> bool:
@@ -85,7 +92,7 @@ class DeepSpeedEngine(Engine):
             return
         import deepspeed
 
-        named = list(self.raw.named_parameters(remove_duplicate=False))
+        named = self.pushed_parameters()
         for start in range(0, len(named), 16):  # gather a few parameters at a time
             group = named[start : start + 16]
             unique = list({id(p): p for _, p in group}.values())
@@ -94,8 +101,10 @@ class DeepSpeedEngine(Engine):
             yield from part
 
     def save(self, out_dir: Path) -> dict:
-        self.ds.save_checkpoint(str(out_dir / "deepspeed"), tag="state")
+        # with LoRA the frozen base is not state: the adapter, its optimizer and the schedule are
+        self.ds.save_checkpoint(str(out_dir / "deepspeed"), tag="state",
+                                exclude_frozen_parameters=self.adapter is not None)
         return {}
 
     def load(self, ckpt_dir: Path, state: dict) -> None:
-        self.ds.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", load_module_strict=True)
+        self.ds.load_checkpoint(str(ckpt_dir / "deepspeed"), tag="state", load_module_strict=self.adapter is None)

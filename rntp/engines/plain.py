@@ -33,7 +33,7 @@ class PlainEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg: Config, info: DistInfo, passes: int, total_steps: int):
         super().__init__(model, cfg, info, passes, total_steps)
         self.model = self.wrap(model)
-        self.optimizer = make_optimizer(model.parameters(), cfg.optim)
+        self.optimizer = make_optimizer(self.trainable_parameters(), cfg.optim)
         self.scheduler = make_scheduler(self.optimizer, cfg.optim, total_steps)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -46,7 +46,7 @@ class PlainEngine(Engine):
 
     def step(self) -> float:
         """Clip, optimizer step, zero grads. The scheduler steps separately (once per training step)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.raw.parameters(), self.cfg.optim.grad_clip)
+        norm = torch.nn.utils.clip_grad_norm_(self.trainable_parameters(), self.cfg.optim.grad_clip)
         if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         self.optimizer.step()
