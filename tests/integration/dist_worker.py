@@ -1,7 +1,8 @@
 """Run under torchrun by the distributed tests (or directly for a world of one).
 
 `step`: one optimizer step on a fixed global batch of 4 groups x 4 thoughts; each rank takes the
-groups g with g % world == rank. Rank 0 saves the full parameters after the step.
+groups g with g % world == rank. Rank 0 saves the full parameters after the step (with `--lora`, a
+LoRA adapter on the frozen base: the adapter's parameters).
 `load`: the most parameter elements a rank holds while the policy loads and is consolidated.
 `ends`: many short runs in one process, each ending as a training run ends (engine closed, group
 destroyed), to catch a hang or abort at the end of a run.
@@ -42,7 +43,14 @@ def step(args):
     info = init_distributed()
     cfg = worker_config(args)
     passes = packs_per_step(4 // info.world_size, 4, 3)  # this rank's 4 or 2 groups of 4, micro-batches of 3
+    torch.manual_seed(0)  # a LoRA adapter's initial lora_A, the same in every process
     policy = load_trainable(args.model, cfg, info, passes)  # sharded as it loads (FSDP2, ZeRO-3)
+    if args.lora:  # lora_B starts at zero, which would leave lora_A's gradient zero: give it a start
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     engine = make_engine(policy, cfg, info, passes, total_steps=1)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
     mine = [g for g in range(4) if g % info.world_size == info.rank]
@@ -95,7 +103,8 @@ def worker_config(args):
     return load_config(None, [f"model.name_or_path={args.model}", f"dist.backend={args.backend}",
                               f"dist.zero_stage={args.zero}", "train.micro_batch=3", "rollout.group_size=4",
                               "rollout.max_thought_tokens=6", "optim.lr=1e-3", "optim.eps=1e-6",
-                              f"grpo.loss_aggregation={args.aggregation}", "train.positions_per_step=4"])
+                              f"grpo.loss_aggregation={args.aggregation}", "train.positions_per_step=4",
+                              *(["model.lora.enabled=true", "model.lora.rank=4"] if args.lora else [])])
 
 
 def held_elements(params) -> int:
@@ -190,6 +199,7 @@ if __name__ == "__main__":
     parser.add_argument("--aggregation", default="seq_mean")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--count-all-reduces", action="store_true")
+    parser.add_argument("--lora", action="store_true")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     sys.exit({"step": step, "load": load, "ends": ends}[args.command](args))
