@@ -2,8 +2,9 @@
 
 Prints tokens/s of sampling, scoring and update, the share of step time spent scoring, the
 sampler's throughput as a ratio of raw `LLM.generate` on the same requests, weight-push time
-and peak memory; with --server, what server mode costs against the in-process engine (sampling
-over HTTP, weights over the gloo transfer). Figures only: nothing here asserts a speed.
+and peak memory, LoRA's step and push against full weights; with --server, what server mode costs
+against the in-process engine (sampling over HTTP, weights over the gloo transfer). Figures only:
+nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     long_thoughts(cfg)
     sampler_ratio(cfg, args.sampler_repeats)
     seeded_requests(cfg, args.sampler_repeats)
+    lora_cost(cfg, args.sampler_repeats)
     if args.server:
         server_cost(args.config, args.overrides, cfg, args.sampler_repeats)
         async_overlap(args.config, args.overrides, args.steps + 1)
@@ -476,6 +478,96 @@ def async_overlap(config: str | None, overrides: list[str], steps: int = 6) -> N
         server.terminate()
         server.wait(60)
     print(f"step time, one step off-policy / synchronous: {figures[1] / figures[0]:.2f}x  (server log: {log.name})")
+
+
+def lora_cost(cfg: Config, repeats: int) -> None:
+    """LoRA (`model.lora`, its defaults) against full weights on the config's model and shapes: one step's
+    sampling, scoring, update and push (the weights into an in-process vLLM engine: `reload_weights` of every
+    weight, or the adapter reloaded in place), each phase alternated between the two in every round so that
+    a busy machine slows both alike; medians after a warm-up round, and the bytes a push moves."""
+    from transformers import AutoTokenizer
+
+    import torch
+
+    from rntp.data import PositionStream
+    from rntp.distributed import DistInfo
+    from rntp.engines import make_engine
+    from rntp.models import load_trainable
+    from rntp.packing import packs_per_step
+    from rntp.scoring import score_groups
+    from rntp.think_tokens import base_model_path
+    from rntp.train import update_policy
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout.spans import pad_id_of
+    from rollout.vllm_utils import vllm_available
+
+    if cfg.rollout.sampler == "hf" or not vllm_available():
+        print("LoRA against full weights: skipped (vLLM not in use)")
+        return
+    path = base_model_path(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    positions = PositionStream(cfg.data, tokenizer).take(cfg.train.positions_per_step)
+    prompts = [tags.prompt(p.context) for p in positions]
+    contexts, targets = [p.context for p in positions], [p.target for p in positions]
+    passes = packs_per_step(len(positions), cfg.rollout.group_size, cfg.train.micro_batch)
+    max_len = cfg.data.chunk_tokens + cfg.rollout.max_thought_tokens + 16
+    sides = {}
+    for name in ("full", "lora"):
+        run = cfg.model_copy(deep=True)
+        run.model.lora.enabled = name == "lora"
+        torch.manual_seed(0)
+        engine = make_engine(load_trainable(path, run, DistInfo(0, 1), passes), run, DistInfo(0, 1), passes, 10**6)
+        sampler = make_sampler("vllm", path, tags, dtype=cfg.model.dtype, max_model_len=max_len,
+                               vllm_cfg=cfg.rollout.vllm, lora_rank=run.model.lora.rank if name == "lora" else None)
+        stream = engine.weights(cfg.dist.weight_bucket_mb)
+        sampler.push_weights(stream)
+        sides[name] = {"run": run, "engine": engine, "sampler": sampler, "times": {},
+                       "mb": sum(t.numel() * t.element_size() for _, t in stream.tensors()) / 2**20}
+
+    def phases(side, round_):
+        run, engine, sampler = side["run"], side["engine"], side["sampler"]
+        spec = SamplingSpec(cfg.rollout.group_size, cfg.rollout.max_thought_tokens, cfg.rollout.temperature,
+                            cfg.rollout.top_p, seed=round_)
+        rollouts = sampler.sample(prompts, spec)
+        yield "sample"
+        engine.train(False)
+        scored = score_groups(engine.model, contexts, rollouts, targets, pad_id=pad_id_of(tokenizer),
+                              micro_batch=cfg.train.micro_batch,
+                              autocast=cfg.model.autocast_bf16, temperature=cfg.rollout.temperature,
+                              top_p=cfg.rollout.top_p, attention=cfg.train.attention)
+        engine.train(True)
+        yield "score"
+        advantages = torch.randn(len(rollouts), generator=torch.Generator().manual_seed(round_))
+        update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
+                      advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=run)
+        yield "update"
+        sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
+        yield "push"
+
+    for round_ in range(repeats + 1):  # round 0 warms up
+        order = ("full", "lora") if round_ % 2 == 0 else ("lora", "full")
+        runs = {name: phases(sides[name], round_) for name in order}
+        for _ in range(4):  # phase by phase, the two sides back to back
+            for name in order:
+                t = time.perf_counter()
+                phase = next(runs[name])
+                if round_:
+                    sides[name]["times"].setdefault(phase, []).append(time.perf_counter() - t)
+    lora_cfg = sides["lora"]["run"].model.lora
+    print(f"\n== LoRA against full weights (rank {lora_cfg.rank}, alpha {lora_cfg.alpha}, {lora_cfg.target_modules}; "
+          f"{len(positions)} positions x G={cfg.rollout.group_size}, T={cfg.rollout.max_thought_tokens}; median of "
+          f"{repeats} alternated rounds) ==")
+    med = {name: {k: statistics.median(v) for k, v in side["times"].items()} for name, side in sides.items()}
+    for phase in ("sample", "score", "update", "push"):
+        full, lora = med["full"][phase], med["lora"][phase]
+        print(f"{phase:>8}: full {full:6.3f} s   lora {lora:6.3f} s   ({lora / full:.2f}x)")
+    step = {name: sum(m.values()) for name, m in med.items()}
+    print(f"    step: full {step['full']:6.3f} s   lora {step['lora']:6.3f} s   ({step['lora'] / step['full']:.2f}x)")
+    print(f"  pushed: full {sides['full']['mb']:.1f} MB (every weight)   lora {sides['lora']['mb']:.2f} MB "
+          "(the adapter)")
+    for side in sides.values():
+        side["sampler"].close()
 
 
 def server_cost(config: str, overrides: list[str], cfg: Config, repeats: int) -> None:
