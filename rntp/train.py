@@ -597,6 +597,10 @@ def held_out(run: Run, row: MetricsRow, step: int) -> None:
     if run.info.is_main:
         with open(run.run_dir / "eval_positions.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **result["per_position"]}) + "\n")
+        m = result["metrics"]  # one line per evaluation on the console (this rank's positions)
+        log.info("held-out, step %d: information gain %+.3f nats/token (empty thought %+.3f, words %+.3f), "
+                 "no-think NLL %.3f, thought length %.1f", step, m["info_gain"], m["info_gain_empty"],
+                 m["info_gain_content"], m["nll_no_think"], m["thought_len_mean"])
     row.add({"time/eval": timer.seconds["eval"]}, "max")
     run.eval_samples = result["samples"]  # the latest thoughts on held-out text, for the report
 
