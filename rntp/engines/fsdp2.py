@@ -58,6 +58,11 @@ class FSDP2Engine(PlainEngine):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.raw.modules():  # a forward before this (the start-up self-check, the evaluation
+            if isinstance(module, FSDPModule):  # set's difficulty) leaves the root unsharded: its plain
+                module.reshard()  # tensors would not match the optimizer state's sharded keys
         target = {"optimizer": get_optimizer_state_dict(self.raw, self.optimizer)}
         dcp.load(target, checkpoint_id=str(ckpt_dir / "fsdp2"))
         set_optimizer_state_dict(self.raw, self.optimizer, target["optimizer"])
