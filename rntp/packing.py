@@ -78,6 +78,7 @@ class Pack:
     thoughts: dict[int, slice] = field(default_factory=dict)  # rollout -> its thought tokens among the reads
     targets: dict[int, slice] = field(default_factory=dict)  # rollout -> its target tokens
     no_think: dict[int, slice] = field(default_factory=dict)  # position -> its targets read on the trunk
+    _layout: PackLayout | None = field(default=None, repr=False)  # built once the rows are complete
 
     @property
     def tokens(self) -> int:
@@ -95,6 +96,7 @@ class Pack:
 
     def add_trunk(self, tokens: list[int]) -> None:
         """A new row holding `tokens` from position 0."""
+        self._layout = None
         self.rows.append({"ids": list(tokens), "pos": list(range(len(tokens))), "trunk": len(tokens),
                           "branches": []})
 
@@ -105,6 +107,7 @@ class Pack:
         self.no_think[position] = slice(first, len(self.labels))
 
     def add_branch(self, index: int, rollout: Rollout, context_len: int, target: list[int]) -> None:
+        self._layout = None
         row = self.rows[-1]
         start = len(row["ids"])
         opened = rollout.prompt_ids[context_len:]
@@ -123,7 +126,11 @@ class Pack:
         self.targets[index] = slice(first, len(self.labels))
 
     def layout(self) -> PackLayout:
-        return PackLayout([row_layout(len(r["ids"]), r["trunk"], r["branches"]) for r in self.rows])
+        """The rows' attention structure, made once (the forward, every epoch's pass and the update's
+        FLOP count all read it) with its per-device index tensors."""
+        if self._layout is None:
+            self._layout = PackLayout([row_layout(len(r["ids"]), r["trunk"], r["branches"]) for r in self.rows])
+        return self._layout
 
     def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids and position ids [B, W], right-padded."""
