@@ -146,29 +146,39 @@ def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_ba
         assert ((shared[name] - g).abs().max() / g.abs().max()) < 1e-9, name
 
 
-def test_the_no_think_term_is_the_plain_language_model_loss_on_kept_positions(tiny_model_dir):
-    """`grpo.no_think_nll_coef` alone (zero advantages): its value and gradient equal the plain next-token
-    loss on context + target, averaged over the positions whose groups were kept (float64)."""
+def update_gradients(model_dir, overrides: list[str], advantages, keep):
+    """One update of a float64 tiny model on `chunk_positions()` (micro-batch 6, G=3, 4 positions): its
+    metrics and the gradients the optimizer step saw."""
     from rntp.config import load_config
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
     from rntp.scoring import score_groups
     from rntp.train import update_policy
     from tests.integration.test_packing import chunk_positions, load64
-    from tests.integration.test_packing import reference as reference_logprobs
 
     contexts, rollouts, targets = chunk_positions()
-    keep = torch.tensor([r.group != 1 for r in rollouts])  # position 1's group was dropped
     cfg = load_config(None, ["train.micro_batch=6", "rollout.group_size=3", "train.positions_per_step=4",
-                             "grpo.no_think_nll_coef=1.0"])
-    model = load64(tiny_model_dir)
+                             *overrides])
+    model = load64(model_dir)
     scored = score_groups(model.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=6)
     engine = make_engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
     seen = {}
     step = engine.step
     engine.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}) or step()
     out = update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
-                        advantages=torch.zeros(len(rollouts)), keep=keep, cfg=cfg)
+                        advantages=advantages, keep=keep, cfg=cfg)
+    return out, seen
+
+
+def test_the_no_think_term_is_the_plain_language_model_loss_on_kept_positions(tiny_model_dir):
+    """`grpo.no_think_nll_coef` alone (zero advantages): its value and gradient equal the plain next-token
+    loss on context + target, averaged over the positions whose groups were kept (float64)."""
+    from tests.integration.test_packing import chunk_positions, load64
+    from tests.integration.test_packing import reference as reference_logprobs
+
+    contexts, rollouts, targets = chunk_positions()
+    keep = torch.tensor([r.group != 1 for r in rollouts])  # position 1's group was dropped
+    out, seen = update_gradients(tiny_model_dir, ["grpo.no_think_nll_coef=1.0"], torch.zeros(len(rollouts)), keep)
 
     model64 = load64(tiny_model_dir)
     kept = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
@@ -190,26 +200,14 @@ def test_pg_coef_weighs_only_the_policy_gradient(pg_coef, tiny_model_dir):
     next-token terms on, the step's gradients equal pg_coef x the surrogate's plus the nll and no-think
     terms', each computed here independently (unpadded float64 forwards). pg_coef=0 (the ablation's
     control) leaves exactly the next-token terms; 1 is the surrogate as before the coefficient existed."""
-    from rntp.config import load_config
-    from rntp.distributed import DistInfo
-    from rntp.engines import make_engine
-    from rntp.scoring import score_groups
-    from rntp.train import update_policy
     from tests.integration.test_packing import chunk_positions, load64
     from tests.integration.test_packing import reference as reference_logprobs
 
     contexts, rollouts, targets = chunk_positions()
     advantages = torch.tensor([1.5, -0.5, 0.8, -1.2, 0.4, 2.0, -0.7, 0.3])  # nonzero, as a reward would give
-    cfg = load_config(None, ["train.micro_batch=6", "rollout.group_size=3", "train.positions_per_step=4",
-                             "grpo.nll_coef=0.3", "grpo.no_think_nll_coef=0.2", f"grpo.pg_coef={pg_coef}"])
-    model = load64(tiny_model_dir)
-    scored = score_groups(model.eval(), contexts, rollouts, targets, pad_id=0, micro_batch=6)
-    engine = make_engine(model.train(), cfg, DistInfo(), 1, total_steps=1)
-    seen = {}
-    step = engine.step
-    engine.step = lambda: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}) or step()
-    out = update_policy(engine, ref=None, contexts=contexts, rollouts=rollouts, targets=targets, scored=scored,
-                        advantages=advantages, keep=torch.ones(len(rollouts), dtype=torch.bool), cfg=cfg)
+    out, seen = update_gradients(tiny_model_dir, ["grpo.nll_coef=0.3", "grpo.no_think_nll_coef=0.2",
+                                                  f"grpo.pg_coef={pg_coef}"],
+                                 advantages, torch.ones(len(rollouts), dtype=torch.bool))
 
     model64 = load64(tiny_model_dir)
     H, n = len(targets[0]), len(rollouts)
