@@ -4,9 +4,11 @@ prepare-data."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 
 def _setup_env() -> None:
@@ -14,6 +16,16 @@ def _setup_env() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _quiet(args: argparse.Namespace, log_file: Path, *, fresh: bool):
+    """The terminal gets what a person reads and `log_file` everything (`rntp.console`), unless --verbose."""
+    from rntp import console
+
+    if args.verbose:
+        return contextlib.nullcontext()
+    console.say(f"rntp {args.command}: the full output goes to {log_file} (--verbose: here)")
+    return console.captured(log_file, fresh=fresh)
 
 
 def _serve_secret(secret_file: str | None, dry_run: bool) -> tuple[str, str]:
@@ -50,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
     p_train = sub.add_parser("train", help="train a policy (config file plus key.sub=value overrides)")
     p_train.add_argument("--config", help="YAML config file")
     p_train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=5 resume=runs/x")
+    verbose = "everything on the terminal (by default vLLM's, torch's and W&B's output goes to the log file only)"
+    p_train.add_argument("--verbose", action="store_true", help=verbose + ": <run_dir>/train.log")
     p_plan = sub.add_parser("plan", help="memory per GPU and FLOPs per step of a config, by arithmetic (no weights)")
     p_plan.add_argument("--config", help="YAML config file")
     p_plan.add_argument("--gpus", type=int, default=8, help="training GPUs (default 8)")
@@ -89,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                         "first run folder's or checkpoint's own config")
     p_eval.add_argument("--out", help="output folder (default: <first model or run>/eval)")
     p_eval.add_argument("--sampler", default="auto", choices=["auto", "vllm", "hf"])
+    p_eval.add_argument("--verbose", action="store_true", help=verbose + ": <out>/eval.log")
     p_eval.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.num_positions=64")
     p_export = sub.add_parser("export", help="a plain Hugging Face folder from a checkpoint (a LoRA adapter merged "
                               "into its base), loadable by transformers and vLLM")
@@ -112,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     p_lm.add_argument("--device", help="default: cuda where available, else cpu")
     p_lm.add_argument("--config", help="YAML config (tags, thought budget); default: the run's own")
     p_lm.add_argument("--out", help="output folder (default: <first model or run>/eval)")
+    p_lm.add_argument("--verbose", action="store_true", help=verbose + ": <out>/lm_eval.log")
     p_lm.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. eval.max_thought_tokens=64")
     argv = sys.argv[1:] if argv is None else list(argv)
     split = argv.index("--") if "--" in argv else len(argv)
@@ -120,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("arguments after -- are passed to vLLM by `rntp serve` only")
     _setup_env()
 
+    from rntp import console
     from rntp.config import ConfigError
 
     try:
@@ -130,9 +147,19 @@ def main(argv: list[str] | None = None) -> int:
             from rntp.config import load_config
 
             cfg = load_config(args.config, args.overrides)  # validated before anything heavy loads
-            from rntp.train import train
+            from rntp.runfiles import resumes_inside, run_dir_problem
 
-            train(cfg)
+            # a folder that holds a run is refused before its train.log is touched (start_run checks again for
+            # every rank)
+            problem = run_dir_problem(Path(cfg.run_dir), resumes_inside(cfg.run_dir, cfg.resume), cfg.overwrite)
+            if problem:
+                raise ValueError(problem)
+            rank = int(os.environ.get("RANK", "0"))
+            log_file = Path(cfg.run_dir) / ("train.log" if rank == 0 else f"train.rank{rank}.log")
+            with _quiet(args, log_file, fresh=cfg.overwrite and not cfg.resume):
+                from rntp.train import train
+
+                train(cfg)
         elif args.command == "plan":
             from rntp.plan import main as plan_main
 
@@ -147,34 +174,33 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_corpus(force=args.force))
         elif args.command == "eval":
-            from pathlib import Path
-
             from rntp.evaluate import eval_config, run_eval
 
             overrides = list(args.overrides) + ([f"eval.data={args.data}"] if args.data else [])
             cfg, source = eval_config(args.model, args.config, overrides)  # --config, else the run's own
-            print(f"config: {source}", flush=True)
             out = Path(args.out) if args.out else Path(args.model[0]) / "eval"
             if not args.out and not Path(args.model[0]).is_dir():
                 out = Path("runs") / "eval"
-            report = run_eval(args.model, cfg, out, args.sampler)
-            print(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
-                  f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
+            with _quiet(args, out / "eval.log", fresh=True):
+                console.say(f"config: {source}")
+                report = run_eval(args.model, cfg, out, args.sampler)
+                console.say(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
+                            f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
         elif args.command == "lm-eval":
-            from pathlib import Path
-
             from rntp.downstream import run_lm_eval
             from rntp.evaluate import eval_config
 
             cfg, source = eval_config(args.model, args.config, list(args.overrides))
-            print(f"config: {source}", flush=True)
             out = Path(args.out) if args.out else Path(args.model[0]) / "eval" if Path(args.model[0]).is_dir() \
                 else Path("runs") / "eval"
             limit = int(args.limit) if args.limit is not None and args.limit >= 1 else args.limit
-            report = run_lm_eval(args.model, cfg, out, [t for t in args.tasks.split(",") if t], include=args.include,
-                                 think=args.think, limit=limit, num_fewshot=args.num_fewshot,
-                                 batch_size=args.batch_size, device=args.device)
-            print(f"lm-eval: {len(report['results'])} result(s) -> {out / 'lm_eval.json'}, {out / 'lm_eval.md'}")
+            with _quiet(args, out / "lm_eval.log", fresh=True):
+                console.say(f"config: {source}")
+                report = run_lm_eval(args.model, cfg, out, [t for t in args.tasks.split(",") if t],
+                                     include=args.include, think=args.think, limit=limit, num_fewshot=args.num_fewshot,
+                                     batch_size=args.batch_size, device=args.device)
+                console.say(f"lm-eval: {len(report['results'])} result(s) -> {out / 'lm_eval.json'}, "
+                            f"{out / 'lm_eval.md'}")
         elif args.command == "export":
             from rntp.lora import export
 
@@ -188,8 +214,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rntp sweep: failed runs: {', '.join(failed)} (see their train.log)", file=sys.stderr)
                 return 1
         elif args.command == "compare":
-            from pathlib import Path
-
             from rntp.compare import compare
 
             print(compare(args.runs, Path(args.out), control=args.control, resamples=args.resamples, seed=args.seed))
@@ -222,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(REWARDS):
                 print(f"{name:<{width}}  {REWARDS[name].formula}")
     except (ConfigError, OSError, KeyError, ValueError) as e:  # user errors: one line, no traceback
-        print(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        console.error(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}")
         return 2
     return 0
 

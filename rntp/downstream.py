@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from rntp import console
 from rntp.config import Config
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ def run_lm_eval(model_paths: list[str], cfg: Config, out_dir: Path, tasks: list[
                             "thoughts": lm.thought_stats(lm.tokenizer) if on else None,
                             "samples": {t: [sample_record(lm, s, on) for s in rows]
                                         for t, rows in got.get("samples", {}).items()}})
-            log.info("%s (think %s): %s", entry["label"], "on" if on else "off", got["results"])
+            console.say(f"{entry['label']} (think {'on' if on else 'off'}): {got['results']}")
         del lm
     report = {"schema": "rntp.lm_eval/1", "lm_eval_version": lm_eval.__version__ if hasattr(lm_eval, "__version__")
               else "0.4.13", "tasks": list(tasks), "include": include, "limit": limit, "num_fewshot": num_fewshot,

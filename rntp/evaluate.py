@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from rntp import console
 from rntp.scoring import next_token_entropy, score_groups
 from rewards.functions import token_bytes_fn
 from rntp.config import Config
@@ -116,7 +117,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     model.eval()
     think, plain, empty, hits_think, hits_plain, lengths, closed, samples = [], [], [], [], [], [], [], []
     batches = range(0, len(evalset.positions), e.batch_positions)
-    for b in tqdm(batches, desc="eval", disable=not progress, leave=False):
+    for b in tqdm(batches, desc="eval", disable=not progress, leave=False, file=console.terminal_err):
         chunk = evalset.positions[b : b + e.batch_positions]
         spec = SamplingSpec(e.thoughts, budget, e.temperature, 1.0, seed=e.seed * 1_000_003 + b)
         rollouts = sampler.sample([tags.prompt(p.context) for p in chunk], spec)
@@ -260,7 +261,7 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
     del base
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     results = []
-    for entry in tqdm(models, desc="models", disable=len(models) == 1):
+    for entry in tqdm(models, desc="models", disable=len(models) == 1, file=console.terminal_err):
         if len(AutoTokenizer.from_pretrained(entry["path"])) != len(tokenizer):
             raise ValueError(f"{entry['path']} has a different tokenizer; positions would not be comparable")
         with lora.plain_model_path(entry["path"]) as path:  # a LoRA checkpoint: merged into its base, for a while
@@ -274,6 +275,9 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
         results.append({**entry, **result})
         log.info("%s: %s", entry["label"], {k: round(v, 4) for k, v in result["metrics"].items()
                                              if isinstance(v, float)})
+        m = result["metrics"]
+        console.say(f"{entry['label']}: information gain {m['info_gain']:+.3f} nats/token, no-think NLL "
+                    f"{m['nll_no_think']:.3f}, thought length {m['thought_len_mean']:.1f}")
     report = {**SCHEMA, "data": cfg.eval.data or cfg.data.source, "split": cfg.eval.split,
               "positions": len(evalset.positions), "seed": cfg.eval.seed, "thoughts": cfg.eval.thoughts,
               "horizon": cfg.data.horizon, "skipped": evalset.skipped, "results": results}

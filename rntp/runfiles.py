@@ -19,6 +19,11 @@ RUN_FILES = ("config.yaml", "metrics.jsonl", "samples.jsonl", "eval_positions.js
 WANDB_ID_FILE = "wandb_run_id"
 
 
+def resumes_inside(run_dir: Path, resume: str | None) -> bool:
+    """Whether `resume` names a checkpoint of the run in `run_dir` itself (then the folder is continued)."""
+    return bool(resume) and Path(resume).expanduser().resolve().is_relative_to(Path(run_dir).resolve())
+
+
 def run_dir_problem(run_dir: Path, resuming_it: bool, overwrite: bool) -> str | None:
     """Why training may not start in `run_dir`, or None. A folder that already holds a run is
     refused unless the user resumes that run (`resuming_it`: the checkpoint lies inside it) or asks

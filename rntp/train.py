@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rntp import attention, grpo, lora, stopping
+from rntp import attention, console, grpo, lora, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
@@ -41,7 +41,7 @@ from rntp.packing import build_packs, check_packed_forward, packed_logprobs, pac
 from rntp.prepare import resolve_model_path
 from rntp.think_tokens import base_model_path, run_tokenizer
 from rntp.rollout_queue import RolloutQueue
-from rntp.runfiles import clear_run, cut_jsonl, run_dir_problem
+from rntp.runfiles import clear_run, cut_jsonl, resumes_inside, run_dir_problem
 from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
 from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
@@ -272,7 +272,8 @@ def train(cfg: Config) -> Path | None:
             run.metrics.log(0, reduced)
     run.queue.start(run.start_step + 1, done=run.ahead)  # with max_staleness: batches start sampling ahead
     bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
-               disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True)
+               disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True,
+               file=console.terminal_err)
     for step in bar:
         timer = PhaseTimer()
         with timer("sample"):  # positions and G thoughts each (sampled ahead with max_staleness)
@@ -309,7 +310,7 @@ def start_run(cfg: Config) -> Run:
     info = init_distributed()
     run_dir = Path(cfg.run_dir)
     # A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all).
-    resume_inside = bool(cfg.resume) and Path(cfg.resume).expanduser().resolve().is_relative_to(run_dir.resolve())
+    resume_inside = resumes_inside(run_dir, cfg.resume)
     problem = broadcast_object(run_dir_problem(run_dir, resume_inside, cfg.overwrite) if info.is_main else None)
     if problem:
         raise ValueError(problem)
@@ -598,9 +599,9 @@ def held_out(run: Run, row: MetricsRow, step: int) -> None:
         with open(run.run_dir / "eval_positions.jsonl", "a") as f:
             f.write(json.dumps({"step": step, **result["per_position"]}) + "\n")
         m = result["metrics"]  # one line per evaluation on the console (this rank's positions)
-        log.info("held-out, step %d: information gain %+.3f nats/token (empty thought %+.3f, words %+.3f), "
-                 "no-think NLL %.3f, thought length %.1f", step, m["info_gain"], m["info_gain_empty"],
-                 m["info_gain_content"], m["nll_no_think"], m["thought_len_mean"])
+        console.say(f"held-out, step {step}: information gain {m['info_gain']:+.3f} nats/token (empty thought "
+                    f"{m['info_gain_empty']:+.3f}, words {m['info_gain_content']:+.3f}), no-think NLL "
+                    f"{m['nll_no_think']:.3f}, thought length {m['thought_len_mean']:.1f}")
     row.add({"time/eval": timer.seconds["eval"]}, "max")
     run.eval_samples = result["samples"]  # the latest thoughts on held-out text, for the report
 
@@ -642,8 +643,8 @@ def finish_run(run: Run) -> Path:
         report = held_out_report(run.metrics.rows, run.eval_samples)
         if report:
             (run.run_dir / "heldout.md").write_text(report)
-            print("\n" + report.split("\n\n## ")[0] + "\n")  # the before/after table; the file has the curve too
-        print(f"checkpoint: {final}\nmetrics:    {run.metrics.path}\nsamples:    {run.run_dir / 'samples.jsonl'}"
+            console.say("\n" + report.split("\n\n## ")[0] + "\n")  # the before/after table; the file: the curve too
+        console.say(f"checkpoint: {final}\nmetrics:    {run.metrics.path}\nsamples:    {run.run_dir / 'samples.jsonl'}"
               + (f"\nheld-out:   {run.run_dir / 'heldout.md'}" if report else "")
               + (f"\nplot:       {plot}" if plot else ""))
     run.engine.close()

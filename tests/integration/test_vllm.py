@@ -206,6 +206,12 @@ def test_demo_config_trains_the_default_model_with_vllm(default_model_dir, tmp_p
     assert "checkpoint:" in done.stdout and "plot:" in done.stdout
     # it ends with the before/after table on held-out text: the base model (step 0) and the last step
     assert "| | base model (step 0) | step 2 | change |" in done.stdout
+    # the terminal has the person's lines; vLLM's banners, torch's warnings and W&B's messages are in train.log
+    assert "held-out, step 0: information gain" in done.stdout and "held-out, step 2:" in done.stdout
+    log = (tmp_path / "demo" / "train.log").read_text()
+    for noise in ("Loading safetensors checkpoint shards", "wandb: ", "vllm"):
+        assert noise in log and noise not in done.stdout + done.stderr, noise
+    assert len((done.stdout + done.stderr).splitlines()) < 40, done.stdout + done.stderr
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [0, 1, 2]
     assert [r["step"] for r in rows if "eval/info_gain" in r] == [0, 2]
