@@ -312,12 +312,13 @@ def run_local(sweep: SweepConfig, todo: list[dict], poll_s: float = 2.0) -> None
             cmd = command(sweep, r, len(devices) if devices else 1)
             where = f" on GPU {','.join(devices)}" if devices else ""
             print(f"running {r['name']}{where} (log: {r['run_dir'] / 'train.log'})", flush=True)
-            running.append((r, slot, _launch(cmd, r["run_dir"] / "train.log", env)))
+            running.append((r, slot, _launch(cmd, r["run_dir"] / "train.log", env), time.monotonic()))
         for item in list(running):
-            r, slot, proc = item
+            r, slot, proc, started = item
             code = proc.poll()
             if code is not None:
                 r["status"] = "finished" if code == 0 else f"failed ({code})"
+                print(f"{r['status']} {r['name']} in {(time.monotonic() - started) / 60:.1f} min", flush=True)
                 running.remove(item)
                 free.append(slot)
         if running:

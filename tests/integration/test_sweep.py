@@ -1,6 +1,7 @@
 """A tiny real sweep (two rewards x 2 steps), its comparison report, skips on re-run, early errors."""
 
 import json
+import re
 
 import pytest
 import yaml
@@ -45,6 +46,9 @@ def test_tiny_sweep_runs_compares_and_skips_finished_runs(tmp_path, base_config,
     path = write_sweep(tmp_path, base_config, grid={"reward.name": ["target_logprob", "next_token_accuracy"]})
     assert main(["sweep", str(path)]) == 0
     out = tmp_path / "sweep"
+    printed = capsys.readouterr().out  # one line as each run starts and ends; the runs' output is in train.log
+    assert re.search(r"^finished name-target_logprob in \d+\.\d min$", printed, re.M), printed
+    assert "wandb: " not in printed and (out / "name-target_logprob" / "train.log").stat().st_size > 0
     for name in ("name-target_logprob", "name-next_token_accuracy"):
         rows = [json.loads(line) for line in open(out / name / "metrics.jsonl")]
         assert [r["step"] for r in rows] == [1, 2]
