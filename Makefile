@@ -20,9 +20,10 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install -q pip==26.3
-	# torch is left out of the locks (its CPU and CUDA builds share a version); --no-deps: the lock is complete.
-	$(BIN)/pip install -q --no-deps $(TORCH_PIN) -r $(LOCK) -e .
+	$(BIN)/pip install -qq pip==26.3
+	# torch is left out of the locks (its CPU and CUDA builds share a version); --no-deps: the lock is complete;
+	# -qq: errors only (a machine's pip config can warn once per package).
+	$(BIN)/pip install -qq --no-deps $(TORCH_PIN) -r $(LOCK) -e .
 	touch $@
 
 # Re-resolve both locks (uv, for every platform and Python >= 3.11; packages uploaded after LOCK_DATE

@@ -17,9 +17,10 @@ from typing import TextIO
 OWN_LOGGERS = ("rntp", "rollout", "rewards")  # their warnings and errors reach the terminal too
 
 # The terminal's two streams (standard output and error as the command started with them) while captured:
-# `say` writes to the first; the progress bar, `error` and RNTP's warnings to the second.
+# the progress bars and `say` write to the first (`say` above the bar), RNTP's warnings to the second.
+# None when not captured: bars then take tqdm's default, sys.stderr.
 terminal: TextIO | None = None
-terminal_err: TextIO | None = None  # (None: tqdm's own default, the current sys.stderr)
+terminal_err: TextIO | None = None
 
 
 @contextlib.contextmanager
@@ -71,9 +72,12 @@ def captured(path: Path, *, fresh: bool) -> Iterator[None]:
 
 def say(text: str) -> None:
     """Something for the person: on the terminal, and in the log file."""
-    print(text, flush=True)  # stdout: the log file while captured, else the terminal
+    from tqdm import tqdm
+
     if terminal is not None:
-        print(text, file=terminal, flush=True)
+        print(text, flush=True)  # stdout: the log file
+    tqdm.write(text, file=terminal or sys.stdout)  # the bar is cleared, the line printed, the bar redrawn
+    (terminal or sys.stdout).flush()
 
 
 def error(text: str) -> None:

@@ -117,7 +117,7 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     model.eval()
     think, plain, empty, hits_think, hits_plain, lengths, closed, samples = [], [], [], [], [], [], [], []
     batches = range(0, len(evalset.positions), e.batch_positions)
-    for b in tqdm(batches, desc="eval", disable=not progress, leave=False, file=console.terminal_err):
+    for b in tqdm(batches, desc="eval", disable=not progress, leave=False, file=console.terminal):
         chunk = evalset.positions[b : b + e.batch_positions]
         spec = SamplingSpec(e.thoughts, budget, e.temperature, 1.0, seed=e.seed * 1_000_003 + b)
         rollouts = sampler.sample([tags.prompt(p.context) for p in chunk], spec)
@@ -261,7 +261,7 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
     del base
     tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
     results = []
-    for entry in tqdm(models, desc="models", disable=len(models) == 1, file=console.terminal_err):
+    for entry in tqdm(models, desc="models", disable=len(models) == 1, file=console.terminal):
         if len(AutoTokenizer.from_pretrained(entry["path"])) != len(tokenizer):
             raise ValueError(f"{entry['path']} has a different tokenizer; positions would not be comparable")
         with lora.plain_model_path(entry["path"]) as path:  # a LoRA checkpoint: merged into its base, for a while

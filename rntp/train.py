@@ -273,7 +273,7 @@ def train(cfg: Config) -> Path | None:
     run.queue.start(run.start_step + 1, done=run.ahead)  # with max_staleness: batches start sampling ahead
     bar = tqdm(range(run.start_step + 1, cfg.train.steps + 1), initial=run.start_step, total=cfg.train.steps,
                disable=not (cfg.log.progress and run.info.is_main), desc="train", dynamic_ncols=True,
-               file=console.terminal_err)
+               file=console.terminal)
     for step in bar:
         timer = PhaseTimer()
         with timer("sample"):  # positions and G thoughts each (sampled ahead with max_staleness)

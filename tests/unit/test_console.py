@@ -90,3 +90,19 @@ def test_a_run_dir_that_is_a_file_is_not_captured(tmp_path, capfd):
     with console.captured(tmp_path / "run" / "train.log", fresh=True):
         os.write(1, b"still here\n")
     assert capfd.readouterr().out == "still here\n"
+
+
+def test_a_line_said_during_the_progress_bar_stands_on_its_own_line(tmp_path):
+    script = ("import sys\nfrom tqdm import tqdm\nfrom rntp import console\n"
+              "with console.captured(sys.argv[1], fresh=True):\n"
+              "    bar = tqdm(range(3), file=console.terminal, desc='train')\n"
+              "    for i in bar:\n"
+              "        if i == 1:\n"
+              "            console.say('held-out, step 1')\n"
+              "    bar.close()\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "train.log")], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    lines = [line.split("\r")[-1].strip() for line in done.stdout.split("\n")]
+    assert "held-out, step 1" in lines, repr(done.stdout)  # not glued to the bar's line
+    assert "train: 100%" in done.stdout and "train:" not in (tmp_path / "train.log").read_text()
