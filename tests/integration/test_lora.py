@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from rntp import lora
-from rntp.checkpoint import find_checkpoint, load_trainer_state
+from rntp.checkpoint import load_trainer_state
 from rntp.cli import main
 from rntp.config import LoRAConfig, load_config
 from rntp.packing import build_packs, check_packed_forward, packed_logprobs
@@ -20,13 +20,10 @@ from rollout.vllm_utils import vllm_available
 from tests.integration.test_distributed import WORKER, torchrun
 from tests.integration.test_learning import HALF, rewards  # (importing it registers the test_upper_ids reward)
 from tests.integration.test_packing import chunk_positions, load64, loss_of, read, reference
+from tests.integration.test_train import resumed_halfway, rows
 
 pytestmark = pytest.mark.integration
 LORA = ("model.lora.enabled=true", "model.lora.rank=4", "model.lora.alpha=8")
-
-
-def rows(run_dir):
-    return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
 def wrapped64(model_dir, seed=0):
@@ -164,15 +161,10 @@ def test_a_lora_run_trains_and_saves_only_the_adapter(tiny_config, tiny_model_di
 
 
 def test_lora_resume_is_bit_identical(tiny_config, tmp_path):
-    common = (*LORA, "model.lora.dropout=0.1", "train.steps=4", "train.save_every=2", "optim.lr=1e-2",
-              "grpo.kl_coef=0.05", "reward.name=info_gain", "reward.baseline=ema", "reward.ema_decay=0.9",
-              "data.position_policy=entropy")
-    train(tiny_config(*common, f"run_dir={tmp_path / 'full'}"))
-    half = find_checkpoint(tmp_path / "full" / "checkpoints" / "step_000002")
-    train(tiny_config(*common, f"run_dir={tmp_path / 'resumed'}", f"resume={half}"))
-    full, resumed = rows(tmp_path / "full"), rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [3, 4]
-    for a, b in zip(full[2:], resumed):
+    full, resumed = resumed_halfway(tiny_config, tmp_path, *LORA, "model.lora.dropout=0.1", "optim.lr=1e-2",
+                                    "grpo.kl_coef=0.05", "reward.name=info_gain", "reward.baseline=ema",
+                                    "reward.ema_decay=0.9", "data.position_policy=entropy")
+    for a, b in zip(full, resumed):
         for key in ("reward/mean", "score/no_think", "score/baseline", "info_gain", "loss/kl", "loss/policy",
                     "optim/grad_norm", "thought/len_mean", "optim/lr"):
             assert b[key] == a[key], key

@@ -58,15 +58,22 @@ def test_train_writes_metrics_and_a_loadable_checkpoint(tiny_config, tmp_path):
     assert samples and {"context_tail", "thought", "target", "reward"} <= set(samples[0])
 
 
-@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
-def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, aggregation):
-    common = ("train.steps=4", "train.save_every=2", f"grpo.loss_aggregation={aggregation}", "optim.lr=1e-3")
+def resumed_halfway(tiny_config, tmp_path, *overrides: str) -> tuple[list[dict], list[dict]]:
+    """A 4-step run saved every 2 steps (`full`) and one resumed from its step-2 checkpoint (`resumed`): the
+    metrics rows of steps 3 and 4 of each."""
+    common = ("train.steps=4", "train.save_every=2", *overrides)
     train(tiny_config(*common, f"run_dir={tmp_path / 'full'}"))
     half = find_checkpoint(tmp_path / "full" / "checkpoints" / "step_000002")
     train(tiny_config(*common, f"run_dir={tmp_path / 'resumed'}", f"resume={half}"))
-    full, resumed = rows(tmp_path / "full"), rows(tmp_path / "resumed")
-    assert [r["step"] for r in resumed] == [3, 4]
-    for a, b in zip(full[2:], resumed):
+    full, resumed = rows(tmp_path / "full")[2:], rows(tmp_path / "resumed")
+    assert [r["step"] for r in full] == [r["step"] for r in resumed] == [3, 4]
+    return full, resumed
+
+
+@pytest.mark.parametrize("aggregation", ["seq_mean", "token_mean"])
+def test_resume_reproduces_an_uninterrupted_run(tiny_config, tmp_path, aggregation):
+    full, resumed = resumed_halfway(tiny_config, tmp_path, f"grpo.loss_aggregation={aggregation}", "optim.lr=1e-3")
+    for a, b in zip(full, resumed):
         for key in ("reward/mean", "score/no_think", "info_gain", "optim/grad_norm", "thought/len_mean", "optim/lr"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
     end_full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "checkpoints" / "step_000004")
