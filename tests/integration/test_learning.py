@@ -27,13 +27,18 @@ if "test_upper_ids" not in REWARDS:
         return torch.tensor([sum(t >= HALF for t in ids) / max(len(ids), 1) for ids in x.thought_ids])
 
 
+def one_layer_llama(tokenizer) -> LlamaForCausalLM:
+    """A random 1-layer Llama (width 64, untied head) over `tokenizer`, seeded, for the fixtures to shape."""
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                        num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                                        tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id))
+
+
 @pytest.fixture(scope="module")
 def learnable_model_dir(tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = one_layer_llama(tokenizer)
+    config = model.config
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 1.0
         sign = torch.where(torch.arange(config.vocab_size) >= HALF, 1.0, -1.0)

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from rntp import lora
 from rntp.checkpoint import load_trainer_state
@@ -18,7 +18,8 @@ from rntp.packing import build_packs, check_packed_forward, packed_logprobs
 from rntp.train import follow, train
 from rollout.vllm_utils import vllm_available
 from tests.integration.test_distributed import WORKER, torchrun
-from tests.integration.test_learning import HALF, rewards  # (importing it registers the test_upper_ids reward)
+# importing test_learning registers the test_upper_ids reward
+from tests.integration.test_learning import HALF, one_layer_llama, rewards
 from tests.integration.test_packing import chunk_positions, load64, loss_of, read, reference
 from tests.integration.test_train import resumed_halfway, rows
 
@@ -199,11 +200,8 @@ def learnable_by_lora_dir(tmp_path_factory, tokenizer):
     reads feature 0 as +1 for upper-half ids and -1 for the rest, nothing writes feature 0 yet (its
     embeddings and every layer's output rows are zero), and feature 1 is a constant the adapters can map
     onto it. It starts at P(upper) = 1/2."""
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=1, num_key_value_heads=1, tie_word_embeddings=False,
-                         pad_token_id=tokenizer.pad_token_id)
-    model = LlamaForCausalLM(config)
+    model = one_layer_llama(tokenizer)
+    config = model.config
     with torch.no_grad():
         model.model.embed_tokens.weight[:, 0] = 0.0
         model.model.embed_tokens.weight[:, 1] = 1.0
