@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in sorted(REWARDS):
                 print(f"{name:<{width}}  {REWARDS[name].formula}")
     except (ConfigError, OSError, KeyError, ValueError) as e:  # user errors: one line, no traceback
-        console.error(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}")
+        # printed once `captured` has given the terminal back; the log file holds the traceback
+        print(f"rntp {args.command}: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         return 2
     return 0
 

@@ -80,11 +80,6 @@ def say(text: str) -> None:
     (terminal or sys.stdout).flush()
 
 
-def error(text: str) -> None:
-    """A one-line error for the person (stderr: the terminal; the log file has it too when captured)."""
-    print(text, file=sys.stderr, flush=True)
-
-
 def _same_file(path: Path, fd: int) -> bool:
     try:
         return os.path.samestat(os.stat(path), os.fstat(fd))
