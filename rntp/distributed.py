@@ -52,7 +52,8 @@ def init_process_group(device: torch.device) -> None:
 
 
 def init_distributed() -> DistInfo:
-    """Join the torchrun process group (see `process_group_backend`); a world of one otherwise."""
+    """Join the torchrun process group (see `process_group_backend`) and make RNTP's own group for
+    its CPU collectives (`collective_group`); a world of one otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
@@ -60,44 +61,69 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(device)
     if world > 1:
         init_process_group(device)
-    rank = dist.get_rank() if dist.is_initialized() else 0
+        collective_group()  # now, on every rank alike, before any engine makes groups of its own
+    rank = dist.get_rank() if world > 1 else 0
     return DistInfo(rank, world, local_rank, device)
 
 
+_group = None  # RNTP's gloo group, made once the world has several ranks
+
+
+def collective_group():
+    """The group RNTP's metrics, stop requests and checkpoint objects travel on (CPU tensors and pickled
+    objects), or None in a world of one, where they stay local. RNTP owns it rather than trusting the
+    default group: whoever made that may have made it for CUDA tensors alone. vLLM's in-process engine
+    on a GPU makes an NCCL-only default group in a world of one (`init_worker_distributed_environment`
+    with the platform's "nccl"), on which a CPU tensor's collective raises."""
+    global _group
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    if _group is None:
+        _group = dist.new_group(backend="gloo")
+    return _group
+
+
 def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+    group = collective_group()
+    if group is not None:
+        dist.barrier(group=group)
 
 
 def shutdown_distributed() -> None:
     """Leave the process group together. A rank that exits while its peers still use the group can
     abort at interpreter exit (SIGABRT), failing a run whose work is done. Close the engine first
-    (`Engine.close`): what still holds the group from C++ must let go while it is registered."""
+    (`Engine.close`): what still holds the group from C++ must let go while it is registered. The
+    default group goes too, whoever made it (in a world of one, an in-process vLLM engine's)."""
+    global _group
     if dist.is_initialized():
         gc.collect()  # wrappers caught in reference cycles go now, not after the group is destroyed
-        dist.barrier()
-        dist.destroy_process_group()
+        barrier()
+        dist.destroy_process_group()  # every group, RNTP's own included
+    _group = None
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
-    if not dist.is_initialized():
+    group = collective_group()
+    if group is None:
         return values
     t = torch.tensor(values, dtype=torch.float64)
-    dist.all_reduce(t)
+    dist.all_reduce(t, group=group)
     return t.tolist()
 
 
 def all_gather_object(obj) -> list:
-    if not dist.is_initialized():
+    group = collective_group()
+    if group is None:
         return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
 def broadcast_object(obj):
-    if not dist.is_initialized():
+    group = collective_group()
+    if group is None:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]

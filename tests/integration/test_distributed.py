@@ -218,6 +218,14 @@ def test_ddp_runs_end_without_hanging_on_the_process_group(tiny_model_dir, tmp_p
     assert out.read_text() == "60 rounds"
 
 
+def test_rntp_collectives_travel_on_its_own_group_whoever_made_the_default(tiny_model_dir, tmp_path):
+    """Two ranks whose default group serves CUDA tensors alone (NCCL's case, emulated): metrics, objects
+    and barriers still meet, on RNTP's own gloo group, and leaving destroys every group."""
+    out = tmp_path / "collectives.txt"
+    torchrun(WORKER, "collectives", "--model", str(tiny_model_dir), "--out", str(out), timeout=120)
+    assert out.read_text() == repr(([3.0, 1.0], [{"rank": 0}, {"rank": 1}], "from rank 0", False))
+
+
 @pytest.fixture(scope="module")
 def layered_model_dir(tmp_path_factory):
     """A model whose weights are nearly all in its decoder layers (six of them), as in large models:

@@ -139,3 +139,30 @@ def test_a_reward_from_the_users_own_module(tiny_config, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     train(tiny_config("train.steps=1", "reward.name=user_surprise", "reward.modules=[my_reward_module]"))
     assert rows(tmp_path / "run")[0]["reward/mean"] is not None
+
+
+TIMINGS = ("time/", "tokens_per_s/", "memory/", "async/")
+
+
+def test_a_default_group_made_for_cuda_alone_as_vllm_makes_it_changes_nothing(tiny_config, tmp_path):
+    """On a GPU, vLLM's in-process engine makes the default process group itself, NCCL only. A
+    "cuda:gloo" group serves the cuda device type alone as NCCL does, so a CPU tensor's collective on it
+    raises as it would there: a run in a world of one must not use it, and must train as without it."""
+    import torch.distributed as dist
+
+    from rollout.net import free_port
+
+    train(tiny_config(f"run_dir={tmp_path / 'plain'}", "eval.every=1", "eval.num_positions=2"))
+    dist.init_process_group("cuda:gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="No backend type associated with device type cpu"):
+            dist.all_reduce(torch.zeros(1))  # the condition is real: this group cannot reduce a CPU tensor
+        train(tiny_config(f"run_dir={tmp_path / 'vllm_group'}", "eval.every=1", "eval.num_positions=2"))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    plain, beside = rows(tmp_path / "plain"), rows(tmp_path / "vllm_group")
+    assert [r["step"] for r in beside] == [r["step"] for r in plain] == [0, 1, 2]
+    for a, b in zip(plain, beside):
+        assert {k: v for k, v in a.items() if not k.startswith(TIMINGS)} == \
+            {k: v for k, v in b.items() if not k.startswith(TIMINGS)}

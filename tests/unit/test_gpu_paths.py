@@ -27,6 +27,9 @@ def test_a_cuda_process_group_serves_cpu_tensors_too(world, monkeypatch):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: bool(created))
     monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: created.append(backend))
     monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: int(world))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend=None, **kw: f"group({backend})")
+    monkeypatch.setattr(distributed, "_group", None)
     for key, value in {"WORLD_SIZE": world, "LOCAL_RANK": "0", "RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": "29400"}.items():
         monkeypatch.setenv(key, value)
@@ -38,16 +41,22 @@ def test_a_cuda_process_group_serves_cpu_tensors_too(world, monkeypatch):
     assert devices["cpu"] == "gloo"
 
 
-def test_every_tensor_the_helpers_reduce_meets_a_backend_for_its_device(monkeypatch):
-    """The helpers' own tensors live on the CPU; the GPU group's map must cover that device."""
-    devices = backend_map(distributed.process_group_backend("cuda"))
-    seen = []
-    # monkeypatch restores both: `distributed.dist` is torch.distributed itself
-    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: seen.append(t.device.type))
+def test_the_helpers_reduce_cpu_tensors_on_a_gloo_group_of_their_own(monkeypatch):
+    """Whoever made the default group (RNTP with its backend map, or vLLM with NCCL alone), the helpers'
+    CPU tensors and objects go to a group made with gloo; in a world of one they stay local."""
+    seen, made = [], []
+    monkeypatch.setattr(distributed, "_group", None)
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, *a, **k: seen.append(t))
+    assert distributed.all_reduce_sum([1.0, 2.0]) == [1.0, 2.0] and not seen  # a world of one
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 4)
+    monkeypatch.setattr(torch.distributed, "new_group", lambda backend=None, **kw: made.append(backend) or "gloo")
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, group=None: seen.append((t.device.type, group)))
     distributed.all_reduce_sum([1.0, 2.0])
-    supports = {"gloo": {"cpu", "cuda"}, "nccl": {"cuda"}}
-    assert seen and all(device in supports[devices[device]] for device in seen)
+    distributed.all_reduce_sum([3.0])
+    assert made == ["gloo"]  # made once
+    assert seen == [("cpu", "gloo"), ("cpu", "gloo")]
 
 
 def test_deepspeed_accumulates_bf16_gradients_in_fp32():
