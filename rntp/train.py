@@ -31,8 +31,8 @@ from rntp import attention, console, grpo, lora, stopping
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
-from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, broadcast_object, init_distributed,
-                              shutdown_distributed)
+from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
+                              init_distributed, shutdown_distributed)
 from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
@@ -522,7 +522,8 @@ def sync(run: Run, step: int, positions: list[Position], rollouts: list[Rollout]
     weights = run.engine.weights(cfg.dist.weight_bucket_mb)
     if run.ema is not None:  # the EMA teacher follows the policy slowly (RLP), from the same gather
         weights = weights.tap(partial(follow, run.ema, 1 - cfg.reward.ema_decay))
-    run.queue.drain()  # batches sampled ahead finish on the old weights: a push never races a request
+    run.queue.drain()  # batches sampled ahead finish on the old weights: a push never races a request,
+    barrier()  # ... of any rank: servers are shared, and vLLM updates weights under running requests
     run.sampler.push_weights(weights)
     gap = None
     if cfg.rollout.check_sync_every and step % cfg.rollout.check_sync_every == 0 and \

@@ -6,6 +6,11 @@ LoRA adapter on the frozen base: the adapter's parameters).
 `load`: the most parameter elements a rank holds while the policy loads and is consolidated.
 `ends`: many short runs in one process, each ending as a training run ends (engine closed, group
 destroyed), to catch a hang or abort at the end of a run.
+`collectives`: RNTP's metric and object collectives where someone else made the default group for CUDA
+tensors alone (as vLLM does on a GPU), emulated by "cuda:gloo".
+`push`: two ranks sampling ahead (max_staleness 1) from one `rntp serve` at `--url`, rank 1's requests
+slow, then the loop's weight push (`rntp.train.sync`): when each rank's requests ended and when rank 0's
+transfer began.
 """
 
 import argparse
@@ -190,9 +195,73 @@ def ends(args):
         open(args.out, "w").write(f"{args.rounds} rounds")
 
 
+def collectives(args):
+    import torch.distributed as dist
+
+    from rntp.distributed import all_gather_object, all_reduce_sum, barrier, broadcast_object, init_distributed, \
+        shutdown_distributed
+
+    dist.init_process_group("cuda:gloo")  # torchrun's environment, a backend for the cuda device type only
+    info = init_distributed()
+    summed = all_reduce_sum([float(info.rank + 1), 0.5])
+    gathered = all_gather_object({"rank": info.rank})
+    sent = broadcast_object(f"from rank {info.rank}")
+    barrier()
+    shutdown_distributed()
+    if info.rank == 0:
+        open(args.out, "w").write(repr((summed, gathered, sent, dist.is_initialized())))
+
+
+def push(args):
+    import json
+    import time
+    from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rntp.config import load_config
+    from rntp.distributed import all_gather_object, init_distributed, shutdown_distributed
+    from rntp.rollout_queue import RolloutQueue
+    from rntp.train import sync
+    from rollout import SamplingSpec, ThinkTags, make_sampler
+    from rollout.base import WeightStream
+
+    info = init_distributed()
+    cfg = load_config(None, ["rollout.sampler=server", f"rollout.server.urls=[{args.url}]", "rollout.max_staleness=1",
+                             "rollout.server.weight_transfer=gloo", "rollout.check_sync_every=0"])
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tags = ThinkTags(tokenizer)
+    sampler = make_sampler("server", "", tags, server_cfg=cfg.rollout.server)
+    model = AutoModelForCausalLM.from_pretrained(args.model)
+    prompt = tags.prompt(tokenizer.encode("The value returned by the function is", add_special_tokens=False))
+    ended, pushed = [], []
+
+    def sample(positions, step):
+        if info.rank == 1:
+            time.sleep(1.5)  # a slow request: a long thought, a busy server
+        rollouts = sampler.sample([prompt], SamplingSpec(2, 6, seed=step))
+        ended.append(time.time())
+        return rollouts
+
+    push_weights = sampler.push_weights
+    sampler.push_weights = lambda weights: pushed.append(time.time()) or push_weights(weights)
+    queue = RolloutQueue(lag=1, last=2, draw=lambda: [], sample=sample, stream_state=dict)
+    run = SimpleNamespace(cfg=cfg, engine=SimpleNamespace(weights=lambda mb: WeightStream.of_module(model, mb)),
+                          ema=None, queue=queue, sampler=sampler)
+    queue.start(1)  # batches 1 and 2, in flight
+    positions, rollouts = queue.take(1)
+    sync(run, 1, positions, rollouts)  # batch 2 still runs on rank 1 when rank 0 is ready to push
+    times = all_gather_object({"ended": ended, "pushed": pushed})
+    queue.close()
+    sampler.close()
+    shutdown_distributed()
+    if info.rank == 0:
+        open(args.out, "w").write(json.dumps(times))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("command", choices=["step", "load", "ends"])
+    parser.add_argument("command", choices=["step", "load", "ends", "collectives", "push"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--backend", default="none")
     parser.add_argument("--zero", type=int, default=2)
@@ -200,6 +269,8 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--count-all-reduces", action="store_true")
     parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--url")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    sys.exit({"step": step, "load": load, "ends": ends}[args.command](args))
+    sys.exit({"step": step, "load": load, "ends": ends, "collectives": collectives,
+              "push": push}[args.command](args))

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rollout.vllm_utils import vllm_available
-from tests.integration.test_distributed import ROOT, rows
+from tests.integration.test_distributed import ROOT, WORKER, rows, torchrun, train_args
 from tests.integration.test_server import SERVE, shared_secret, start_server, stop_server  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow,
@@ -72,6 +72,29 @@ def test_each_batch_is_sampled_by_the_weights_after_step_t_minus_1_minus_k(lag, 
         if version != step - 1:
             assert gaps[step - 1] > 1e-3, (step, gaps)  # the weights moved: the check could fail
     assert all(r["async/trainer_idle_s"] >= 0 and r["async/sampler_idle_s"] >= 0 for r in history)
+
+
+def test_no_transfer_starts_before_every_ranks_requests_have_finished(server, tiny_model_dir, tmp_path):
+    """Two ranks share a server and sample ahead; rank 1's requests are slow. vLLM's weight routes do not
+    pause requests, and a layer-wise reload empties each layer while it loads: rank 0 must not start the
+    transfer while rank 1's batch still runs there. Every rank drains, all meet, then the push starts."""
+    import json
+
+    out = tmp_path / "times.json"
+    torchrun(WORKER, "push", "--model", str(tiny_model_dir), "--url", server, "--out", str(out), timeout=300)
+    ranks = json.loads(out.read_text())
+    assert [len(r["ended"]) for r in ranks] == [2, 2] and len(ranks[0]["pushed"]) == 1
+    last_request = max(t for r in ranks for t in r["ended"])
+    assert ranks[0]["pushed"][0] >= last_request
+
+
+def test_two_fsdp2_ranks_sampling_ahead_from_a_server_complete_their_steps(server, tiny_model_dir, corpus_file,
+                                                                            tmp_path):
+    """FSDP2 gathers the full weights collectively while rank 0 sends them: no rank may still wait for a
+    server busy receiving them (configs/gpu/server-mode.yaml's set-up, k = 1)."""
+    torchrun(*train_args(tiny_model_dir, corpus_file, tmp_path / "run", "dist.backend=fsdp2", "train.steps=2",
+                         *overrides(server, tmp_path / "run", 1)[1:]), timeout=300)
+    assert [r["step"] for r in rows(tmp_path / "run")] == [1, 2]
 
 
 def run_cli(args, **popen):
