@@ -267,6 +267,15 @@ def _register() -> None:
     AttentionMaskInterface.register(NAME, sdpa_mask)  # ordinary forwards get SDPA's masks
 
 
+# Inductor's CUDA lowering of flex attention refuses smaller query/key/value head dims (Triton's tl.dot:
+# torch/_inductor/kernel/flex/flex_attention.py, "embedding dimension ... must be at least 16").
+FLEX_MIN_HEAD_DIM = 16
+
+
+def head_dim(text_config) -> int:
+    return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+
+
 def unsupported(config, *, kind: str, device_type: str, longest_sequence: int) -> str | None:
     """Why a model (its transformers config) or device cannot take the structured path, or None; checked
     at start-up, before any weights load."""
@@ -274,6 +283,9 @@ def unsupported(config, *, kind: str, device_type: str, longest_sequence: int) -
         return (f"train.attention=flex needs CUDA (FlexAttention has no backward on {device_type}); "
                 "use train.attention=blocks")
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if kind == "flex" and head_dim(text) < FLEX_MIN_HEAD_DIM:
+        return (f"train.attention=flex: {type(config).__name__} has heads of {head_dim(text)} dimensions and "
+                f"FlexAttention compiles on CUDA only from {FLEX_MIN_HEAD_DIM}; use train.attention=blocks")
     window = getattr(text, "sliding_window", None)
     layer_types = getattr(text, "layer_types", None) or []
     windowed = "sliding_attention" in layer_types or (window and getattr(text, "use_sliding_window", True)

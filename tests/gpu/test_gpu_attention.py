@@ -9,10 +9,16 @@ import math
 import pytest
 import torch
 
-from rntp.attention import PackLayout, block_attention
+from rntp.attention import FLEX_MIN_HEAD_DIM, PackLayout, block_attention
 from tests.integration.test_long_packs import gradients, long_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def flex_shaped(make_model, device, dtype):
+    """The CPU tests' narrow Qwen3 (`make_model`) with heads as narrow as flex compiles on CUDA, on
+    `device` in `dtype`. A CPU test checks the shape (tests/integration/test_model_heads.py)."""
+    return lambda *a, **k: make_model(*a, **{**k, "head_dim": FLEX_MIN_HEAD_DIM}).to(device, dtype)
 
 
 @pytest.mark.parametrize("kind, dtype, tolerance", [("blocks", torch.float64, 1e-9), ("flex", torch.float32, 1e-4)])
@@ -21,8 +27,7 @@ def test_blocks_and_flex_equal_unshared_on_cuda(kind, dtype, tolerance, monkeypa
     float32, not float64): the agreement with unshared sequences the CPU tests show, split groups too."""
     import tests.integration.test_long_packs as long
 
-    original = long.narrow_qwen3
-    monkeypatch.setattr(long, "narrow_qwen3", lambda *a, **k: original(*a, **k).to("cuda", dtype))
+    monkeypatch.setattr(long, "narrow_qwen3", flex_shaped(long.narrow_qwen3, "cuda", dtype))
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     batch = long_batch()
     ref_grads, ref_reads = gradients(batch, pack=dict(micro_batch=16, shared=False))

@@ -18,10 +18,10 @@ pytestmark = pytest.mark.integration
 VOCAB, OPEN, CLOSE, H, G = 512, [3], [4], 16, 8
 
 
-def narrow_qwen3(dtype=torch.float64, checkpointing=False):
+def narrow_qwen3(dtype=torch.float64, checkpointing=False, head_dim=8):
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=4096,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=4096,
                          tie_word_embeddings=False, attn_implementation="sdpa")
     model = exact_rope(Qwen3ForCausalLM(config).to(dtype))
     if checkpointing:

@@ -73,6 +73,7 @@ def test_what_the_packed_path_cannot_compute_is_named_before_weights_load():
     assert unsupported(windowed, kind="blocks", device_type="cpu", longest_sequence=300) is None
     assert "FlexAttention has no backward" in unsupported(windowed, kind="flex", device_type="cpu",
                                                           longest_sequence=300)
+    assert "heads of 8 dimensions" in unsupported(windowed, kind="flex", device_type="cuda", longest_sequence=300)
     gemma = Gemma2Config(**SMALL, head_dim=8, sliding_window=128)
     assert "soft-caps attention scores" in unsupported(gemma, kind="blocks", device_type="cuda", longest_sequence=300)
     gemma.attn_logit_softcapping = None
@@ -83,3 +84,13 @@ def test_what_the_packed_path_cannot_compute_is_named_before_weights_load():
 
     assert unsupported(Qwen2Config(**SMALL, use_sliding_window=False, sliding_window=64), kind="blocks",
                        device_type="cpu", longest_sequence=300) is None
+
+
+def test_the_gpu_flex_test_builds_a_shape_flex_compiles_on_cuda():
+    """Inductor refuses flex head dims below 16 on CUDA; `make gpu-check` once stopped there."""
+    from tests.gpu.test_gpu_attention import flex_shaped
+    from tests.integration.test_long_packs import narrow_qwen3
+
+    model = flex_shaped(narrow_qwen3, "cpu", torch.float32)()
+    assert model.config.head_dim >= 16
+    assert unsupported(model.config, kind="flex", device_type="cuda", longest_sequence=2048) is None
