@@ -5,7 +5,7 @@ before weights load (`attention.unsupported`) or by the start-up self-check (`ch
 import pytest
 import torch
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
-                          GraniteForCausalLM, LlamaConfig, LlamaForCausalLM)
+                          GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 from rntp.attention import unsupported
 from rntp.packing import build_packs, check_packed_forward, packed_logprobs
@@ -94,3 +94,31 @@ def test_the_gpu_flex_test_builds_a_shape_flex_compiles_on_cuda():
     model = flex_shaped(narrow_qwen3, "cpu", torch.float32)()
     assert model.config.head_dim >= 16
     assert unsupported(model.config, kind="flex", device_type="cuda", longest_sequence=2048) is None
+
+
+def test_the_self_check_takes_a_correct_bf16_model_at_real_logit_magnitudes():
+    """Released models' logits reach 30-40, where bf16 values are 0.25 apart: a correct bf16 model passes
+    (0.19 apart here; 0.1 was once the limit), one whose head doubles its logits to the same magnitude
+    is still refused."""
+    class Doubling(Qwen3ForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    def bf16(cls, scale):
+        torch.manual_seed(0)
+        config = Qwen3Config(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                             tie_word_embeddings=False, attn_implementation="sdpa")
+        model = cls(config).to(torch.bfloat16).eval()
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        return model
+
+    model = bf16(Qwen3ForCausalLM, 40)
+    with torch.no_grad():
+        assert model(input_ids=torch.arange(40)[None]).logits.abs().max() > 32  # bf16 steps of 0.25 there
+    check_packed_forward(model)
+    with pytest.raises(ValueError, match="packed log-probs differ from a plain forward"):
+        check_packed_forward(bf16(Doubling, 20))
