@@ -402,8 +402,8 @@ def sampler_ratio(cfg: Config, repeats: int) -> None:
 def seeded_requests(cfg: Config, repeats: int) -> None:
     """vLLM sampling with a seed on every request (`rollout.seed_requests=true`) against none, on the
     same engine and prompts, alternated. vLLM draws seeded requests' noise one request at a time at
-    every decode step (and on GPUs leaves FlashInfer's sampler for them); here on CPU only the loop
-    shows."""
+    every decode step; the unseeded draw is one batched call (FlashInfer's sampler is not used in either
+    case: RNTP's engines ask for processed log-probs)."""
     from dataclasses import replace
 
 

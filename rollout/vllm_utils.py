@@ -34,8 +34,9 @@ def thought_request(spec: SamplingSpec, index: int, close_tag: str, close_ids: l
     sample j of an n-sample request the seed `seed + j` (vllm/v1/engine/parallel_sampling.py), so each
     prompt gets its own block of n seeds; no two samples of a call share one (seed + 1 for the next
     prompt would repeat its sample 1). A seeded
-    request costs throughput on GPUs: vLLM then skips FlashInfer's sampler and draws each seeded
-    request's noise in a Python loop at every decode step (vllm/v1/sample/ops/topk_topp_sampler.py).
+    request costs throughput: vLLM draws each seeded request's noise in a Python loop at every decode step
+    (`random_sample`, vllm/v1/sample/ops/topk_topp_sampler.py). FlashInfer's sampler is out either way:
+    vLLM takes it only outside the processed log-prob modes, and RNTP's engines run in one.
     Sampling: only temperature and top_p shape it. The other fields are sent with vLLM's neutral
     values, since a server fills each field a request leaves unset from the model's
     generation_config.json (top_k, min_p, penalties), which would sample off-policy.
