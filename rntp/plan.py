@@ -4,8 +4,10 @@ It reads the model's `config.json` (a local folder, or the hub cache; it never d
 built-in shape (`--model-shape`), and prints per GPU the training state by backend, the frozen
 copies, the activations of one micro-pass at the pack shape, a colocated vLLM engine, their total
 against the GPU's memory (FITS / DOES NOT FIT), and the FLOPs of one step. Everything is an
-estimate from the formulas below (GB = 1e9 bytes); none of it is measured. Not counted: the CUDA
-context, NCCL buffers, allocator fragmentation, and transient tensors of the backward pass.
+estimate from the formulas below (GB = 1e9 bytes); none of it is measured on a GPU (the activation
+terms are checked against a CPU peak in tests/unit/test_plan.py). Not counted: the CUDA context, NCCL's
+own buffers, allocator fragmentation, parameter gradients before ZeRO takes them (the tied head's
+gradient lives through the whole backward), and other transient tensors of the backward pass.
 
 Notation (as in the README's scaling note): P = train.positions_per_step (global), G =
 rollout.group_size, C = data.chunk_tokens (the worst-case context; a real context is at most
@@ -239,24 +241,35 @@ def resolved_backend(cfg: Config, gpus: int) -> str:
     return ("ddp" if gpus > 1 else "none") if cfg.dist.backend == "auto" else cfg.dist.backend
 
 
-def state_bytes_per_param(backend: str, zero_stage: int, gpus: int, dtype: str) -> tuple[float, str]:
-    """Bytes per parameter of weights + gradients + AdamW moments on one GPU of `gpus`.
+def module_dtype(cfg: Config, backend: str) -> str:
+    """The dtype the trained module runs in: DeepSpeed's bf16 mode, on with model.autocast_bf16 as with
+    model.dtype=bfloat16 (rntp/engines/deepspeed.py), casts the module's parameters to bf16
+    (deepspeed/runtime/engine.py, _configure_distributed_model); other backends keep model.dtype."""
+    if backend == "deepspeed" and cfg.model.autocast_bf16:
+        return "bfloat16"
+    return cfg.model.dtype
 
-    fp32 master weights (model.dtype=float32): 4 + 4 + 8 = 16 unsharded (ddp, none); ZeRO-1
-    4 + 4 + 8/n; ZeRO-2 4 + 12/n; ZeRO-3 and FSDP2 16/n. (DeepSpeed's bf16 mode, on with
-    model.autocast_bf16, holds a bf16 module beside fp32 master weights; counted as this layout.)
-    Pure bf16 (model.dtype=bfloat16): torch's AdamW keeps its moments in the parameter dtype, so
-    2 + 2 + 4 = 8 (ddp, none) and 8/n (FSDP2); DeepSpeed keeps fp32 master weights and moments
-    whatever the module's dtype (ZeRO's mixed-precision layout): 2 + 2 + 12/n, 2 + 14/n, 16/n."""
+
+def state_bytes_per_param(backend: str, zero_stage: int, gpus: int, dtype: str) -> tuple[float, str]:
+    """Bytes per parameter of weights + gradients + AdamW moments on one GPU of `gpus`; `dtype` is the
+    module's (`module_dtype`).
+
+    fp32 (no bf16 anywhere): 4 + 4 + 8 = 16 unsharded (ddp, none); ZeRO-1 4 + 4 + 8/n; ZeRO-2
+    4 + 12/n; ZeRO-3 and FSDP2 16/n.
+    Pure bf16 under torch: AdamW keeps its moments in the parameter dtype, so 2 + 2 + 4 = 8 (ddp,
+    none) and 8/n (FSDP2). DeepSpeed's bf16 mode keeps fp32 master weights and moments, and RNTP sets
+    grad_accum_dtype fp32 with it, so gradients are fp32 too: ZeRO-1 (BF16_Optimizer,
+    runtime/bf16_optimizer.py: a whole fp32 gradient buffer) 2 + 4 + 12/n; ZeRO-2 (stage_1_and_2.py:
+    an fp32 gradient partition beside the fp32 master partition) 2 + 16/n; ZeRO-3 16/n (not re-read)."""
     n = gpus
     if dtype == "bfloat16" and backend != "deepspeed":
         if backend == "fsdp2":
             return 8 / n, f"FSDP2, pure bf16: (2 + 2 + 4)/{n}"
         return 8.0, "pure bf16: 2 weights + 2 grads + 4 AdamW moments (bf16)"
     if backend == "deepspeed" and dtype == "bfloat16":
-        per = {1: (4 + 12 / n, f"2 + 2 + 12/{n}"), 2: (2 + 14 / n, f"2 + 14/{n}"), 3: (16 / n, f"16/{n}")}
+        per = {1: (6 + 12 / n, f"2 + 4 + 12/{n}"), 2: (2 + 16 / n, f"2 + 16/{n}"), 3: (16 / n, f"16/{n}")}
         value, text = per[zero_stage]
-        return value, f"ZeRO-{zero_stage}, bf16 module + fp32 master/moments: {text}"
+        return value, f"ZeRO-{zero_stage}, bf16 module + fp32 master/grads/AdamW: {text}"
     if backend == "deepspeed":
         per = {1: (8 + 8 / n, f"4 + 4 + 8/{n}"), 2: (4 + 12 / n, f"4 + 12/{n}"), 3: (16 / n, f"16/{n}")}
         value, text = per[zero_stage]
@@ -267,16 +280,18 @@ def state_bytes_per_param(backend: str, zero_stage: int, gpus: int, dtype: str) 
 
 
 def layer_activation_bytes(shape: Shape, residual: int, act: int, autocast: bool) -> int:
-    """Estimated bytes one decoder layer keeps for backward per token (an estimate, not a
-    measurement): the two norms' inputs in the residual stream's dtype (2 x hidden x residual) plus,
-    in the compute dtype, the inputs of the linears (2 x hidden, 5 x hidden under autocast, which
-    casts the input once per linear), attention's q, k, v before and after norm/RoPE and its output
-    (4 x q_dim + 3 x kv_dim; 3 x q_dim + 2 x kv_dim without q/k norms) and the SwiGLU MLP's gate, up,
-    SiLU and product (4 x intermediate):
-        residual x 2h + act x (2h or 5h + 4 q_dim + 3 kv_dim + 4 I)."""
-    casts = 5 if autocast else 2
-    attention = 4 * shape.q_dim + 3 * shape.kv_dim if shape.qk_norm else 3 * shape.q_dim + 2 * shape.kv_dim
-    return residual * 2 * shape.hidden + act * (casts * shape.hidden + attention + 4 * shape.intermediate)
+    """Estimated bytes one decoder layer keeps for backward per token (`residual`: the module's dtype,
+    `act`: the compute dtype; checked against a CPU peak in tests/unit/test_plan.py):
+    - each RMSNorm upcasts its input to fp32 and keeps that copy (the input itself when it is fp32) and
+      its normalised output in the module's dtype: 2 norms x hidden x (4 + residual); with q/k norms
+      the same for q and k: (q_dim + kv_dim) x (4 + act);
+    - in the compute dtype, the linears' inputs (2 x hidden; 5 x hidden under autocast of an fp32
+      module, which casts the input once per linear), attention's roped q and k, v, its output and
+      o_proj's input (3 x q_dim + 2 x kv_dim), the SwiGLU MLP's gate, up, SiLU and product (4 x I):
+        2h (4 + residual) + [(q_dim + kv_dim)(4 + act)] + act x (2h or 5h + 3 q_dim + 2 kv_dim + 4 I)."""
+    casts = 5 if autocast and residual == 4 else 2  # a bf16 module's activations need no cast
+    norms = 2 * shape.hidden * (4 + residual) + ((shape.q_dim + shape.kv_dim) * (4 + act) if shape.qk_norm else 0)
+    return norms + act * (casts * shape.hidden + 3 * shape.q_dim + 2 * shape.kv_dim + 4 * shape.intermediate)
 
 
 def logits_chunk_tokens(vocab: int) -> int:
@@ -284,19 +299,32 @@ def logits_chunk_tokens(vocab: int) -> int:
     return max(16, 2**27 // vocab)
 
 
+def logits_chunk_bytes(vocab: int, reads: int, temperature: float = 1.0, top_p: float = 1.0) -> int:
+    """The output head's peak: one chunk (`ChunkedLogProbs`, at most the pack's reads) recomputed in
+    backward, counted in fp32 [chunk x vocab] tensors alive at once: a plain read keeps its log-softmax
+    output and makes two gradients (3); the sampling path at temperature != 1 keeps the tempered logits
+    too (4); a top-p nucleus adds the sorted fp32 probabilities, their int64 order, the cumulative sum and
+    masks (9, as measured on CPU)."""
+    tensors = 9 if top_p < 1.0 else 4 if temperature != 1.0 else 3
+    return tensors * min(logits_chunk_tokens(vocab), reads) * vocab * 4
+
+
 def activation_bytes(shape: Shape, pack: dict, C: int, *, checkpointing: bool, dtype: str,
-                     autocast: bool) -> dict:
-    """Activations of one micro-pass over a pack of W tokens (the update's, the largest):
-    - with gradient checkpointing: every layer's input, L x W x hidden x residual bytes (fp32 under
-      fp32 master weights, autocast or not: the residual stream stays fp32), plus one layer's full
-      activations, recomputed in backward: W x layer_activation_bytes;
+                     autocast: bool, bf16_module: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0) -> dict:
+    """Activations of one micro-pass over a pack of W tokens (the update's, the largest), summed (the
+    head's peak and a layer's recompute come at different moments, so the sum is an upper bound):
+    - with gradient checkpointing: every layer's input, L x W x hidden x residual bytes (the module's
+      dtype: bf16 under DeepSpeed's bf16 mode (`bf16_module`) or model.dtype=bfloat16, else fp32,
+      autocast or not), plus one layer's full activations, recomputed in backward: W x
+      layer_activation_bytes;
     - without: L x W x layer_activation_bytes;
     - the `blocks` attention's copies: per layer, each branch holds its context's keys and values
       once: branches x (C + 3 + T + H) x kv_dim x 2 (K and V) x act bytes (one layer's worth with
       checkpointing, L layers' without);
-    - the log-softmax tail: one chunk of logits_chunk_tokens(vocab) x vocab x 4 bytes."""
-    residual = 2 if dtype == "bfloat16" else 4
-    act = 2 if (dtype == "bfloat16" or autocast) else 4
+    - the head: logits_chunk_bytes over the pack's reads, branches x (T + H)."""
+    residual = 2 if dtype == "bfloat16" or bf16_module else 4
+    act = 2 if (residual == 2 or autocast) else 4
     W, L = pack["tokens"], shape.layers
     per_layer = W * layer_activation_bytes(shape, residual, act, autocast)
     copies = pack["branches"] * (C + pack["branch_tokens"]) * shape.kv_dim * 2 * act
@@ -308,9 +336,29 @@ def activation_bytes(shape: Shape, pack: dict, C: int, *, checkpointing: bool, d
     else:
         out["layers"] = L * per_layer
         out["attention_copies"] = L * copies
-    out["logits"] = logits_chunk_tokens(shape.vocab) * shape.vocab * 4
+    reads = pack["branches"] * (pack["branch_tokens"] - TAGS)
+    out["logits"] = logits_chunk_bytes(shape.vocab, reads, temperature, top_p)
     out["total"] = sum(v for k, v in out.items() if k not in ("tokens", "layer_bytes_per_token"))
     return out
+
+
+def zero_buckets(cfg: Config, params: int, gpus: int) -> dict:
+    """ZeRO-2's gradient reduce buffer, alive through backward: `reduce_bucket_size` elements (DeepSpeed's
+    default 5e8, deepspeed/runtime/zero/config.py; configs/deepspeed/zero2.json sets none) in the
+    module's dtype, twice with overlap_comm, plus the flattened copy a reduction makes of one rank's
+    share of it (allreduce_bucket: at most min(bucket, params / n) elements). The all-gather after the
+    step writes into the flat bf16 buffer itself (runtime/utils.py, all_gather_into_tensor), so
+    allgather_bucket_size allocates nothing. Zero for other backends and stages."""
+    if resolved_backend(cfg, gpus) != "deepspeed" or cfg.dist.zero_stage != 2:
+        return {"reduce_bucket": 0, "reduce_flatten": 0, "total": 0, "elements": 0}
+    from rntp.engines.deepspeed import deepspeed_config
+
+    zero = deepspeed_config(cfg, gpus, 1).get("zero_optimization", {})
+    elements = int(zero.get("reduce_bucket_size", 5e8))
+    size = 2 if module_dtype(cfg, "deepspeed") == "bfloat16" else 4
+    bucket = elements * size * (2 if zero.get("overlap_comm", False) else 1)
+    flatten = min(elements, math.ceil(params / gpus)) * size
+    return {"reduce_bucket": bucket, "reduce_flatten": flatten, "total": bucket + flatten, "elements": elements}
 
 
 def memory_per_gpu(cfg: Config, shape: Shape, gpus: int = 8, gpu_memory_gb: float = 80.0) -> dict:
@@ -321,7 +369,7 @@ def memory_per_gpu(cfg: Config, shape: Shape, gpus: int = 8, gpu_memory_gb: floa
     params, dtype = shape.params(), cfg.model.dtype
     dtype_bytes = 2 if dtype == "bfloat16" else 4
     backend = resolved_backend(cfg, gpus)
-    per_param, state_text = state_bytes_per_param(backend, cfg.dist.zero_stage, gpus, dtype)
+    per_param, state_text = state_bytes_per_param(backend, cfg.dist.zero_stage, gpus, module_dtype(cfg, backend))
     sharded = backend == "fsdp2" or (backend == "deepspeed" and cfg.dist.zero_stage == 3)
     frozen: dict = {}
     if cfg.reward.baseline == "ema":
@@ -335,7 +383,10 @@ def memory_per_gpu(cfg: Config, shape: Shape, gpus: int = 8, gpu_memory_gb: floa
     pack = pack_shape(cfg.data.chunk_tokens, cfg.data.horizon, cfg.rollout.max_thought_tokens,
                       cfg.rollout.group_size, cfg.train.micro_batch)
     acts = activation_bytes(shape, pack, cfg.data.chunk_tokens, checkpointing=cfg.model.gradient_checkpointing,
-                            dtype=dtype, autocast=cfg.model.autocast_bf16)
+                            dtype=dtype, autocast=cfg.model.autocast_bf16,
+                            bf16_module=module_dtype(cfg, backend) == "bfloat16",
+                            temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p)
+    buckets = zero_buckets(cfg, params, gpus)
     gpu_bytes = gpu_memory_gb * GB
     v = cfg.rollout.vllm
     engine = None
@@ -348,7 +399,7 @@ def memory_per_gpu(cfg: Config, shape: Shape, gpus: int = 8, gpu_memory_gb: floa
     state = per_param * params
     held = state + sum(b for b, _ in frozen.values())
     engine_bytes = engine["bytes"] if engine else 0.0
-    train_phase = held + acts["total"] + (0.0 if engine and v.sleep_level else engine_bytes)
+    train_phase = held + acts["total"] + buckets["total"] + (0.0 if engine and v.sleep_level else engine_bytes)
     sample_phase = held + engine_bytes
     peak = max(train_phase, sample_phase)
     problems = []
@@ -360,7 +411,7 @@ def memory_per_gpu(cfg: Config, shape: Shape, gpus: int = 8, gpu_memory_gb: floa
     return {"gpus": gpus, "gpu_memory_gb": gpu_memory_gb, "backend": backend, "params": params,
             "state": {"bytes": state, "bytes_per_param": per_param, "layout": state_text},
             "frozen": {k: {"bytes": b, "what": w} for k, (b, w) in frozen.items()},
-            "pack": pack, "activations": acts, "vllm": engine, "sampler": sampler,
+            "pack": pack, "activations": acts, "buckets": buckets, "vllm": engine, "sampler": sampler,
             "train_phase": train_phase, "sample_phase": sample_phase, "peak": peak,
             "fits": not problems, "problems": problems}
 
@@ -378,8 +429,8 @@ def plan(cfg: Config, shape: Shape, *, gpus: int = 8, gpu_memory_gb: float = 80.
         notes.append(f"train.attention={cfg.train.attention}: the K/V copies are the blocks path's (flex makes none; "
                      "dense adds a [W, W] mask and a masked kernel, not counted)")
     if resolved_backend(cfg, gpus) == "deepspeed" and cfg.model.autocast_bf16 and cfg.model.dtype == "float32":
-        notes.append("DeepSpeed's bf16 mode keeps a bf16 module beside fp32 master weights: state counted as the "
-                     "fp32 layout")
+        notes.append("DeepSpeed's bf16 mode casts the module to bf16 (model.dtype=float32 holds only for its fp32 "
+                     "master weights): state, residual stream and activations counted in bf16")
     if cfg.rollout.sampler == "auto":
         notes.append("rollout.sampler=auto: counted as a colocated vLLM engine (what auto picks on GPUs)")
     return {"model": cfg.model.name_or_path, "notes": notes, "shape": asdict(shape), "params": shape.params(),
@@ -429,8 +480,12 @@ def render(report: dict, source: str) -> str:
         lines.append(_row("", f"  all layers: L x W x {per_token}", gb(acts["layers"])))
     lines.append(_row("", f"  blocks attention K/V copies: branches x (C+3+T+H) x kv_dim x 2 x bytes"
                       f"{'' if ckpt else ' x L'}", gb(acts["attention_copies"])))
-    lines.append(_row("", f"  log-softmax chunk: {logits_chunk_tokens(s['vocab'])} tokens x vocab x 4 B",
+    lines.append(_row("", "  head: one chunk redone in backward, 3-9 fp32 [chunk x vocab] tensors",
                       gb(acts["logits"])))
+    b = m["buckets"]
+    if b["total"]:
+        lines.append(_row("ZeRO-2 buckets", f"reduce bucket {b['elements']:.3g} elements + a flattened rank share "
+                          "(all-gather: in place)", gb(b["total"])))
     e = m["vllm"]
     if e:
         lines.append(_row("vLLM engine", f"gpu_memory_utilization {e['bytes'] / gpu / GB:g} x {gpu:g} GB: weights "

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from rntp.config import load_config
-from rntp.plan import (Shape, activation_bytes, builtin_shapes, layer_activation_bytes, logits_chunk_tokens,
-                       memory_per_gpu, pack_shape, position_pairs, resolve_shape, row_pairs,
-                       state_bytes_per_param, step_flops)
+from rntp.plan import (Shape, activation_bytes, builtin_shapes, layer_activation_bytes, logits_chunk_bytes,
+                       logits_chunk_tokens, memory_per_gpu, pack_shape, position_pairs, resolve_shape, row_pairs,
+                       state_bytes_per_param, step_flops, zero_buckets)
 
 pytestmark = pytest.mark.unit
 
@@ -149,26 +149,78 @@ def test_state_bytes_per_param_by_backend():
     # pure bf16: torch keeps AdamW's moments in bf16 -> 2 + 2 + 4; DeepSpeed keeps fp32 master and moments
     assert state_bytes_per_param("ddp", 2, 8, "bfloat16")[0] == 8
     assert state_bytes_per_param("fsdp2", 2, 8, "bfloat16")[0] == 1
-    assert state_bytes_per_param("deepspeed", 2, 8, "bfloat16")[0] == 2 + 14 / 8
     assert "pure bf16" in state_bytes_per_param("ddp", 2, 8, "bfloat16")[1]
 
 
+def test_deepspeed_bf16_layout_keeps_fp32_gradients():
+    # DeepSpeed's bf16 mode (model.autocast_bf16 or model.dtype=bfloat16; rntp/engines/deepspeed.py sets
+    # grad_accum_dtype fp32 with it). ZeRO-2 (stage_1_and_2.py): the module in bf16, whole (2), and per GPU a
+    # 1/n share of the fp32 master weights (4), the fp32 gradient partition (4) and AdamW's moments (8):
+    # 2 + 16/8 = 4. ZeRO-1 (bf16_optimizer.py): the fp32 gradient buffer is whole: 2 + 4 + 12/8 = 7.5.
+    assert state_bytes_per_param("deepspeed", 2, 8, "bfloat16")[0] == 4.0
+    assert state_bytes_per_param("deepspeed", 1, 8, "bfloat16")[0] == 7.5
+    # without bf16 (fp32 module, fp32 gradients) ZeRO-2 stays 4 + 12/8
+    assert state_bytes_per_param("deepspeed", 2, 8, "float32")[0] == 5.5
+
+
+def test_zero2_reduce_bucket_by_hand(tmp_path):
+    # DeepSpeed's default reduce bucket is 5e8 elements (zero/config.py) in the module's dtype (bf16: 1e9 B),
+    # plus the flattened copy one reduction makes of a rank's share: at most min(5e8, params / n) elements.
+    # Qwen2.5-0.5B on 8 GPUs: 494,032,768 / 8 = 61,754,096 elements x 2 B = 123,508,192 B.
+    b = zero_buckets(load_config(None, SMALL + ["dist.backend=deepspeed", "model.autocast_bf16=true"]),
+                     494_032_768, 8)
+    assert b["reduce_bucket"] == 1_000_000_000 and b["reduce_flatten"] == 123_508_192
+    assert b["total"] == 1_123_508_192
+    # a JSON with its own sizes and overlap_comm (two buckets); fp32 module: 4 B per element
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 2, "overlap_comm": True, "reduce_bucket_size": 1e7}}))
+    own = zero_buckets(load_config(None, SMALL + ["dist.backend=deepspeed", f"dist.deepspeed_config={ds}"]),
+                       494_032_768, 8)
+    assert own["reduce_bucket"] == 2 * 10_000_000 * 4 and own["reduce_flatten"] == 10_000_000 * 4
+    # none for the other backends and stages
+    assert zero_buckets(load_config(None, SMALL + ["dist.backend=ddp"]), 494_032_768, 8)["total"] == 0
+    assert zero_buckets(load_config(None, SMALL + ["dist.backend=deepspeed", "dist.zero_stage=3"]),
+                        494_032_768, 8)["total"] == 0
+
+
 def test_activation_bytes_by_hand():
-    # fp32 weights, bf16 autocast: residual 4 B, compute 2 B. Per token and layer (no q/k norms):
-    # 4 * 2 * 896 = 7,168 + 2 * (5 * 896 + 3 * 896 + 2 * 128 + 4 * 4864) = 2 * 26,880 = 53,760 -> 60,928
-    assert layer_activation_bytes(Q05, 4, 2, autocast=True) == 60_928
-    # pure bf16: 2 * 2 * 896 = 3,584 + 2 * (2 * 896 + 2,688 + 256 + 19,456) = 2 * 24,192 -> 51,968
-    assert layer_activation_bytes(Q05, 2, 2, autocast=False) == 51_968
+    # fp32 weights, bf16 autocast: residual 4 B, compute 2 B. Per token and layer (no q/k norms): each of
+    # the two RMSNorms keeps its input in fp32 and its normalised output, 2 * 896 * (4 + 4) = 14,336; then
+    # 2 * (5 * 896 + 3 * 896 + 2 * 128 + 4 * 4864) = 2 * 26,880 = 53,760 -> 68,096
+    assert layer_activation_bytes(Q05, 4, 2, autocast=True) == 68_096
+    # pure bf16: norms 2 * 896 * (4 + 2) = 10,752 + 2 * (2 * 896 + 2,688 + 256 + 19,456) = 48,384 -> 59,136
+    assert layer_activation_bytes(Q05, 2, 2, autocast=False) == 59_136
+    # Qwen3-1.7B with a bf16 module (DeepSpeed's bf16 mode): norms 2 * 2048 * 6 = 24,576; q/k norms keep
+    # fp32 q and k and their bf16 outputs, (2048 + 1024) * (4 + 2) = 18,432; then
+    # 2 * (2 * 2048 + 3 * 2048 + 2 * 1024 + 4 * 6144) = 2 * 36,864 = 73,728 -> 116,736
+    assert layer_activation_bytes(builtin_shapes()["qwen3-1.7b"], 2, 2, autocast=False) == 116_736
     assert logits_chunk_tokens(151_936) == 883  # 2**27 = 134,217,728; 883 * 151,936 = 134,159,488
-    pack = pack_shape(10, 2, 3, 4, 4)  # W = 44
+    pack = pack_shape(10, 2, 3, 4, 4)  # W = 44, reads 4 * (3 + 2) = 20
     a = activation_bytes(Q05, pack, 10, checkpointing=True, dtype="float32", autocast=True)
     assert a["layer_inputs"] == 24 * 44 * 896 * 4 == 3_784_704
-    assert a["one_layer"] == 44 * 60_928 == 2_680_832
+    assert a["one_layer"] == 44 * 68_096 == 2_996_224
     assert a["attention_copies"] == 4 * (10 + 8) * 128 * 2 * 2 == 36_864  # branches x (C+b) x kv_dim x K,V x 2 B
-    assert a["logits"] == 883 * 151_936 * 4 == 536_637_952
-    assert a["total"] == 3_784_704 + 2_680_832 + 36_864 + 536_637_952
+    # a chunk holds at most the pack's 20 reads; plain log-softmax (temperature 1): 3 fp32 [20 x vocab]
+    assert a["logits"] == 3 * 20 * 151_936 * 4 == 36_464_640
+    assert a["total"] == 3_784_704 + 2_996_224 + 36_864 + 36_464_640
     full = activation_bytes(Q05, pack, 10, checkpointing=False, dtype="float32", autocast=True)
-    assert full["layers"] == 24 * 2_680_832 and full["attention_copies"] == 24 * 36_864
+    assert full["layers"] == 24 * 2_996_224 and full["attention_copies"] == 24 * 36_864
+    # DeepSpeed's bf16 mode casts the module to bf16 (engine.py _configure_distributed_model): the residual
+    # stream is bf16 whatever model.dtype says, and autocast has nothing to cast: 24 * 44 * 896 * 2
+    ds = activation_bytes(Q05, pack, 10, checkpointing=True, dtype="float32", autocast=True, bf16_module=True)
+    assert ds["layer_inputs"] == 1_892_352 and ds["one_layer"] == 44 * 59_136
+
+
+def test_logits_chunk_counts_what_one_chunk_keeps():
+    # Qwen3's vocabulary: chunks of 883 tokens, one fp32 [883 x 151,936] tensor = 536,637,952 B. In the
+    # update's backward (recomputed chunk) a plain read keeps the log-softmax output and makes two gradients:
+    # 3 such tensors; at temperature != 1 the tempered logits are kept too (the sampling path): 4; a top-p
+    # nucleus sorts (fp32 values, int64 indices), sums and masks: 9 (measured on CPU, see below).
+    one = 883 * 151_936 * 4
+    assert logits_chunk_bytes(151_936, 10**6) == 3 * one
+    assert logits_chunk_bytes(151_936, 10**6, temperature=0.7) == 4 * one == 2_146_551_808
+    assert logits_chunk_bytes(151_936, 10**6, temperature=0.7, top_p=0.9) == 9 * one
+    assert logits_chunk_bytes(151_936, 100, temperature=0.7) == 4 * 100 * 151_936 * 4  # fewer reads than a chunk
 
 
 def test_memory_per_gpu_by_hand_and_fits():
@@ -177,11 +229,14 @@ def test_memory_per_gpu_by_hand_and_fits():
                                      "model.autocast_bf16=true", "model.gradient_checkpointing=true"])
     m = memory_per_gpu(cfg, Q05, gpus=8, gpu_memory_gb=80)
     params = 494_032_768
-    assert m["state"]["bytes"] == 5.5 * params == 2_717_180_224  # ZeRO-2: 4 + 12/8
+    assert m["state"]["bytes"] == 4 * params == 1_976_131_072  # ZeRO-2 in bf16 mode: 2 + 16/8
     assert m["frozen"]["ema_teacher"]["bytes"] == 4 * params == 1_976_131_072
     assert m["vllm"]["bytes"] == 0.3 * 80e9 and m["vllm"]["weights"] == 2 * params
-    acts = 3_784_704 + 2_680_832 + 36_864 + 536_637_952
-    assert m["train_phase"] == 2_717_180_224 + 1_976_131_072 + acts + 24e9
+    # bf16 module: layer inputs 1,892,352, one layer 44 * 59,136 = 2,601,984, copies 36,864, logits
+    # 3 * 20 * 151,936 * 4 = 36,464,640 (temperature 1); buckets 1e9 + 61,754,096 * 2
+    acts = 1_892_352 + 2_601_984 + 36_864 + 36_464_640
+    assert m["activations"]["total"] == acts and m["buckets"]["total"] == 1_123_508_192
+    assert m["train_phase"] == 1_976_131_072 + 1_976_131_072 + acts + 1_123_508_192 + 24e9
     assert m["fits"] and m["peak"] == m["train_phase"]
     # sleep_level 1: the engine is off the GPU while training; the peak is the sampling phase
     asleep = memory_per_gpu(load_config(None, SMALL + ["rollout.sampler=vllm", "rollout.vllm.sleep_level=1"]), Q05)
@@ -263,17 +318,104 @@ def test_rlp_recipes_load_and_the_single_node_one_fits_on_8x80gb(capsys):
     assert "=> FITS on 8 x 80 GB" in out
     assert main(["plan", "--config", "configs/rlp-qwen3-1.7b.yaml", "--model-shape", "qwen3-1.7b", "--json"]) == 0
     m = json.loads(capsys.readouterr().out)["memory"]
-    # By hand: 1,720,574,976 params; DeepSpeed ZeRO-2 on 8 GPUs with fp32 master weights: 4 + 12/8 = 5.5 B/param
-    # = 9,463,162,368 B; the fp32 EMA teacher 4 B/param = 6,882,299,904 B.
-    assert m["state"]["bytes"] == 9_463_162_368
+    # By hand: 1,720,574,976 params; DeepSpeed ZeRO-2 on 8 GPUs in bf16 mode (autocast_bf16): bf16 module 2 +
+    # (fp32 master 4 + fp32 gradients 4 + AdamW 8) / 8 = 4 B/param = 6,882,299,904 B; the fp32 EMA teacher
+    # 4 B/param = 6,882,299,904 B.
+    assert m["state"]["bytes"] == 6_882_299_904
     assert m["frozen"]["ema_teacher"]["bytes"] == 6_882_299_904
     # a pack of one group: trunk 2048 + 1, 16 branches of 3 + 2048 + 1: W = 2,049 + 16 * 2,052 = 34,881
     assert m["pack"]["tokens"] == 34_881
-    # checkpointed layer inputs in fp32: 28 * 34,881 * 2048 * 4 = 8,000,864,256 B
-    assert m["activations"]["layer_inputs"] == 8_000_864_256
+    # checkpointed layer inputs in bf16 (the module DeepSpeed cast): 28 * 34,881 * 2048 * 2 = 4,000,432,128 B;
+    # one layer recomputed: 34,881 * 116,736 = 4,071,868,416 B
+    assert m["activations"]["layer_inputs"] == 4_000_432_128
+    assert m["activations"]["one_layer"] == 4_071_868_416
+    # the head at temperature 0.7: 4 fp32 chunks of 883 x 151,936 = 2,146,551,808 B
+    assert m["activations"]["logits"] == 2_146_551_808
+    # the reduce bucket: 5e8 bf16 elements + the flattened share, 1,720,574,976 / 8 = 215,071,872 x 2 B
+    assert m["buckets"]["total"] == 1_000_000_000 + 430_143_744
     assert m["vllm"]["bytes"] == 0.5 * 80e9
     assert m["fits"] and m["peak"] < 80e9
     # ... and the multi-node recipe fits on 32 of them
     assert main(["plan", "--config", "configs/rlp-qwen3-1.7b-multinode.yaml", "--model-shape", "qwen3-1.7b",
                  "--gpus", "32"]) == 0
     assert "=> FITS on 32 x 80 GB" in capsys.readouterr().out
+
+
+def _mmap_large_blocks() -> None:
+    """glibc serves every block over 64 KiB by mmap from now on, so a freed tensor leaves the resident set
+    at once and a later one is not served from pages already resident: the peak counts live tensors."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, no longer raised by frees
+
+
+def _rss_peak_of(work) -> int:
+    """Bytes the process's resident set rose to while `work()` ran, above where it stood before (Linux:
+    /proc/self/clear_refs resets the high-water mark). Call `_mmap_large_blocks` before any tensor is made."""
+    import ctypes
+    import gc
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key))
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # the heap's free pages leave the resident set
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS:")
+    work()
+    return status("VmHWM:") - base
+
+
+@pytest.mark.parametrize("checkpointing, vocab, temperature", [(False, 512, 0.7), (True, 16384, 0.7)])
+def test_activation_estimate_against_a_measured_cpu_peak(checkpointing, vocab, temperature):
+    """One update micro-pass (packed forward + backward) of a narrow random Qwen3 in bf16 with autocast, as
+    DeepSpeed's bf16 mode runs it, at a pack of C=512, G=4, T=256, H=1 (about 1,550 tokens): its peak CPU memory
+    against `activation_bytes`. Without checkpointing the layers dominate; with it and a 16k vocabulary the
+    head's chunk does. The estimate counts what backward keeps; allocation order and transients move the
+    measured peak, so the two must agree within a factor of 1.35."""
+    import sys
+
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from rntp.packing import build_packs, packed_logprobs
+    from rollout.spans import Rollout
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self")
+    C, T, G, hidden, layers = 512, 256, 4, 256, 4
+    _mmap_large_blocks()
+    config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
+                         max_position_embeddings=4096, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).to(torch.bfloat16).train()
+    if checkpointing:
+        model.gradient_checkpointing_enable()  # as rntp.models loads the policy
+    gen = torch.Generator().manual_seed(0)
+    doc = torch.randint(10, vocab, (C + 1,), generator=gen).tolist()
+    rollouts = [Rollout(0, doc[:C] + [1], torch.randint(10, vocab, (T,), generator=gen).tolist() + [2], T, True)
+                for _ in range(G)]
+    ((_, pack),) = build_packs([doc[:C]], rollouts, [doc[C:]], micro_batch=G)
+
+    def micro_pass():
+        packed_logprobs(model, pack, temperature=temperature, autocast=True).logp.sum().backward()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: no per-thread scratch in the count
+    try:
+        micro_pass()  # warm-up: lazily made kernels and caches
+        model.zero_grad(set_to_none=True)
+        peak = _rss_peak_of(micro_pass)
+    finally:
+        torch.set_num_threads(threads)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())  # state, not activations
+    shape = Shape(hidden, layers, 4, 2, hidden // 4, 3 * hidden, vocab, tied=True, qk_norm=True)
+    estimate = activation_bytes(shape, pack_shape(C, 1, T, G, G), C, checkpointing=checkpointing, dtype="float32",
+                                autocast=True, bf16_module=True, temperature=temperature)["total"]
+    measured = peak - grads
+    print(f"checkpointing={checkpointing} vocab={vocab} T={temperature}: measured {measured / 1e6:.1f} MB, "
+          f"estimate {estimate / 1e6:.1f} MB, ratio {estimate / measured:.2f}")
+    assert 1 / 1.35 < estimate / measured < 1.35
