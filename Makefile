@@ -14,7 +14,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install lock demo learn test test-unit lint bench gpu-check prepare clean
+.PHONY: install lock demo learn test test-unit lint bench gpu-check gpu-kit prepare clean
 
 install: $(STAMP)
 
@@ -67,13 +67,18 @@ lint: install
 bench: prepare
 	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server
 
-# On a GPU machine: tests/gpu, then the training loop at real model shapes (random weights, generated
-# tokenizer and corpus: nothing downloaded). Uses the venv where `make install` made one, else the
-# machine's own Python with its CUDA torch (a bare lent machine; see the README's GPU section).
-GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PY))
+# On a GPU machine, every figure in one run (README "GPU check"): stages env, tests (tests/gpu), train (the RLP
+# recipe's shapes on a random Qwen3-1.7B), attention (the long-shape paths), multi (several GPUs), each in its own
+# process and time limit; gpu-check/report.json and a log per stage, whatever fails. Nothing is downloaded. With
+# the venv `make install` made, its Python; on a bare machine launch/gpu_check.sh, which installs the kit first.
+KIT ?= .whl
 gpu-check:
-	RNTP_TOKENIZER=generated $(GPU_PY) -m pytest tests/gpu -m gpu -v -p no:cacheprovider
-	$(GPU_PY) -m rntp.gpu_check $(GPU_CHECK_ARGS)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python -m rntp.gpu_check,KIT=$(KIT) bash launch/gpu_check.sh) $(GPU_CHECK_ARGS)
+
+# The wheels a bare GPU machine lacks (CPython 3.12, manylinux x86_64, the GPU lock's versions; deepspeed built
+# as a pure-Python wheel) into $(KIT), git-ignored, to carry beside the working tree (64 MiB in all); prints sizes.
+gpu-kit: install
+	$(BIN)/python -m rntp.gpu_check kit --out $(KIT)
 
 clean:
 	rm -rf $(VENV) runs
