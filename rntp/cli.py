@@ -112,6 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     p_export.add_argument("--base", help="a LoRA checkpoint's base model (default: the one its adapter_config.json "
                           "names, else the base its rntp_config.yaml describes)")
     p_export.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p_export.add_argument("--push-to-hub", metavar="ORG/NAME", help="then upload the folder (model card included) "
+                          "to this Hugging Face Hub model repo, made if new; token from HF_TOKEN or `hf auth login`")
+    p_export.add_argument("--private", action="store_true", help="with --push-to-hub: make a new repo private")
+    p_export.add_argument("--revision", help="with --push-to-hub: the branch to upload to (made if new; default main)")
     p_lm = sub.add_parser("lm-eval", help="downstream tasks through lm-evaluation-harness, plainly or thinking "
                           "first (results beside the held-out report)")
     p_lm.add_argument("--model", action="append", required=True,
@@ -203,8 +207,21 @@ def main(argv: list[str] | None = None) -> int:
                             f"{out / 'lm_eval.md'}")
         elif args.command == "export":
             from rntp.lora import export
+            from rntp.publish import push_problem, push_to_hub
 
-            print(export(args.model, args.out, base=args.base, dtype=args.dtype))
+            if (args.private or args.revision) and not args.push_to_hub:
+                raise ValueError("--private and --revision go with --push-to-hub")
+            if args.push_to_hub and (problem := push_problem(args.push_to_hub)):
+                raise ValueError(problem)  # before anything is written
+            out = export(args.model, args.out, base=args.base, dtype=args.dtype)
+            print(out)
+            if args.push_to_hub:
+                try:
+                    print(push_to_hub(out, args.push_to_hub, private=args.private, revision=args.revision))
+                except Exception as e:  # network, permissions: one line; the exported folder is complete
+                    raise ValueError(f"upload to {args.push_to_hub} failed ({type(e).__name__}: {e}); the exported "
+                                     f"folder {out} is complete: upload it with "
+                                     f"`hf upload {args.push_to_hub} {out}`") from e
         elif args.command == "sweep":
             from rntp.sweep import run_sweep
 

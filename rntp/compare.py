@@ -14,6 +14,10 @@ seed: they were evaluated on the same positions). A design's difference from the
 positions once for both (paired: a position that is hard for one is hard for the other, and that
 shared difficulty cancels) and each design's seeds on their own. Without per-position values the
 bootstrap is over seeds alone, and a single seed without them has no interval.
+
+The same is done per difficulty bucket (easy / medium / hard, cut once per evaluation set from the
+starting model and saved with each position): the bucket's positions are resampled exactly as all
+positions are overall; runs without saved buckets give their per-bucket means (`info_gain/easy`, ...).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rntp.evaluate import BUCKETS
 from rntp.runfiles import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -141,6 +146,7 @@ class Evaluation:
     metrics: dict
     keys: list[str] | None = None
     values: dict[str, list[float]] | None = None
+    buckets: list[str] | None = None  # each position's difficulty bucket, in `keys` order
 
 
 def load_evaluations(run_dir: Path, rows: list[dict]) -> list[Evaluation]:
@@ -153,9 +159,12 @@ def load_evaluations(run_dir: Path, rows: list[dict]) -> list[Evaluation]:
     positions = run_dir / "eval_positions.jsonl"
     for r in read_jsonl(positions) if positions.exists() else []:
         entry = evals.setdefault(r["step"], Evaluation(r["step"], {}))
-        entry.keys, entry.values = r["keys"], r["values"]
+        entry.keys, entry.values, entry.buckets = r["keys"], r["values"], r.get("buckets")
         for name, vals in r["values"].items():  # means from the values where metrics.jsonl lacks them
             entry.metrics.setdefault(name, float(np.mean(vals)))
+            for b in BUCKETS if entry.buckets else ():
+                inside = [v for v, label in zip(vals, entry.buckets) if label == b]
+                entry.metrics.setdefault(f"{name}/{b}", float(np.mean(inside)) if inside else None)
     report = run_dir / "eval" / "eval.json"
     if report.exists():
         for result in json.loads(report.read_text()).get("results", []):
@@ -164,7 +173,7 @@ def load_evaluations(run_dir: Path, rows: list[dict]) -> list[Evaluation]:
             entry = evals.setdefault(result["step"], Evaluation(result["step"], dict(result.get("metrics", {}))))
             per = result.get("per_position")
             if per and entry.values is None:
-                entry.keys, entry.values = per["keys"], per["values"]
+                entry.keys, entry.values, entry.buckets = per["keys"], per["values"], per.get("buckets")
     return [evals[s] for s in sorted(evals)]
 
 
@@ -231,26 +240,34 @@ def group_designs(runs: list[dict]) -> list[Design]:
     return designs
 
 
-def values_at(runs: list[dict], metric: str, step: int | None = None,
-              keys: list[str] | None = None) -> tuple[np.ndarray, list[str] | None] | None:
+def values_at(runs: list[dict], metric: str, step: int | None = None, keys: list[str] | None = None,
+              bucket: str | None = None) -> tuple[np.ndarray, list[str] | None] | None:
     """[seeds, positions] values of a metric at `step` (None: each run's final evaluation): over the
     positions all the runs share (or `keys`, in that order) when every run has per-position values,
-    else each run's mean as one column. None when a run has no such evaluation."""
+    else each run's mean as one column. `bucket`: only the positions of that difficulty bucket (each
+    run's mean over it, `<metric>/<bucket>`, where buckets were not saved). None when a run has no
+    such evaluation."""
+    mean_name = f"{metric}/{bucket}" if bucket else metric
     chosen = []
     for r in runs:
-        evals = [e for e in r["evals"] if (step is None or e.step == step) and e.metrics.get(metric) is not None]
+        evals = [e for e in r["evals"] if (step is None or e.step == step) and e.metrics.get(mean_name) is not None]
         if not evals:
             return None
         chosen.append(evals[-1])
-    if all(e.values is not None and metric in e.values for e in chosen):
+    per_position = all(e.values is not None and metric in e.values and (bucket is None or e.buckets is not None)
+                       for e in chosen)
+    if per_position:
         if keys is None:
             shared = set(chosen[0].keys).intersection(*(e.keys for e in chosen[1:]))
+            if bucket:  # positions every run puts in the bucket (runs of one evaluation set agree on all)
+                for e in chosen:
+                    shared &= {k for k, b in zip(e.keys, e.buckets) if b == bucket}
             keys = [k for k in chosen[0].keys if k in shared]
         if keys:
             maps = [dict(zip(e.keys, e.values[metric])) for e in chosen]
             if all(all(k in m for k in keys) for m in maps):
                 return np.array([[m[k] for k in keys] for m in maps], dtype=np.float64), keys
-    return np.array([[float(e.metrics[metric])] for e in chosen], dtype=np.float64), None
+    return np.array([[float(e.metrics[mean_name])] for e in chosen], dtype=np.float64), None
 
 
 def final_steps(design: Design) -> list[int]:
@@ -258,33 +275,37 @@ def final_steps(design: Design) -> list[int]:
 
 
 def summarise_designs(designs: list[Design], control: Design | None, resamples: int, seed: int) -> list[dict]:
-    """One row per design and held-out metric: its mean and interval, and its difference from the control."""
+    """One row per design, held-out metric and bucket (None: all positions; then easy, medium, hard): its mean
+    and interval, and its difference from the control."""
     out = []
-    for d in designs:
-        for metric in HELD_OUT:
-            got = values_at(d.runs, metric)
-            if got is None:
-                continue
-            values, _ = got
-            row = {"design": d.name, "metric": metric, "interval": bootstrap_mean(values, resamples, seed)}
-            if control is not None and d is not control:
-                row["difference"] = difference(d, control, metric, resamples, seed)
-            out.append(row)
+    for bucket in (None, *BUCKETS):
+        for d in designs:
+            for metric in HELD_OUT:
+                got = values_at(d.runs, metric, bucket=bucket)
+                if got is None:
+                    continue
+                values, _ = got
+                row = {"design": d.name, "metric": metric, "bucket": bucket,
+                       "interval": bootstrap_mean(values, resamples, seed)}
+                if control is not None and d is not control:
+                    row["difference"] = difference(d, control, metric, resamples, seed, bucket=bucket)
+                out.append(row)
     return out
 
 
 def difference(design: Design, control: Design, metric: str, resamples: int, seed: int,
-               step: int | None = None) -> Interval | None:
-    """design - control at their final evaluations (or at `step`), paired over the positions both share."""
-    a, b = values_at(design.runs, metric, step), values_at(control.runs, metric, step)
+               step: int | None = None, bucket: str | None = None) -> Interval | None:
+    """design - control at their final evaluations (or at `step`), paired over the positions both share
+    (those of `bucket` only, when given)."""
+    a, b = values_at(design.runs, metric, step, bucket=bucket), values_at(control.runs, metric, step, bucket=bucket)
     if a is None or b is None:
         return None
     (va, ka), (vb, kb) = a, b
     if ka is not None and kb is not None:
         shared = [k for k in ka if k in set(kb)]
         if shared:
-            va, _ = values_at(design.runs, metric, step, shared)
-            vb, _ = values_at(control.runs, metric, step, shared)
+            va, _ = values_at(design.runs, metric, step, shared, bucket)
+            vb, _ = values_at(control.runs, metric, step, shared, bucket)
             return bootstrap_difference(va, vb, True, resamples, seed)
     return bootstrap_difference(va, vb, False, resamples, seed)
 
@@ -356,10 +377,13 @@ def compare(run_dirs: list[str], out_dir: Path, control: str | None = None, resa
 
 def design_tables(designs: list[Design], held: list[dict], control: Design | None,
                   resamples: int) -> tuple[list[str], list[str]]:
-    """Markdown: each design's held-out means with intervals; each design minus the control."""
+    """Markdown: each design's held-out means with intervals; each design minus the control; the same by
+    difficulty bucket."""
     if not held:
         return [], []
-    by = {(r["design"], r["metric"]): r for r in held}
+    by = {(r["design"], r["metric"]): r for r in held if r["bucket"] is None}
+    if not by:
+        return [], []
     metrics = [m for m in HELD_OUT if any(k[1] == m for k in by)]
     lines = ["## Designs: held-out metrics at the final evaluation", "",
              f"Mean over seeds and held-out positions [95% bootstrap interval, {resamples} resamples over seeds and "
@@ -379,7 +403,7 @@ def design_tables(designs: list[Design], held: list[dict], control: Design | Non
                      + " |")
     lines.append("")
     if control is None:
-        return lines, []
+        return lines + bucket_tables(designs, held, None), []
     diff = [f"## Difference from the control `{control.name}` (design − control)", "",
             "Paired over the held-out positions both share (the same positions resampled for both), seeds "
             "resampled within each design; an interval that excludes 0 is a difference these seeds and "
@@ -393,18 +417,57 @@ def design_tables(designs: list[Design], held: list[dict], control: Design | Non
         first = next((c for c in cells if c is not None), None)
         paired = f"yes ({first.positions} positions)" if first is not None and first.paired else "no"
         diff.append(f"| {d.name} | {paired} | " + " | ".join(show(c, "+") for c in cells) + " |")
-    return lines, diff + [""]
+    return lines, diff + [""] + bucket_tables(designs, held, control)
+
+
+def bucket_tables(designs: list[Design], held: list[dict], control: Design | None) -> list[str]:
+    """Markdown: each design's held-out means by difficulty bucket and, with a control, design - control
+    per bucket, with the same intervals as overall (paired over the bucket's positions)."""
+    by = {(r["design"], r["metric"], r["bucket"]): r for r in held if r["bucket"] is not None}
+    metrics = [m for m in HELD_OUT if any(k[1] == m for k in by)]
+    if not metrics:
+        return []
+    head = " | ".join(HELD_OUT[m][0] for m in metrics)
+    lines = ["## By difficulty: held-out metrics per bucket at the final evaluation", "",
+             "Buckets as the evaluation cut them (the starting model's difficulty at each position, the same for "
+             "every run of an evaluation set); intervals as above, over the bucket's positions.", "",
+             f"| design | bucket | positions | {head} |", "|---" * (len(metrics) + 3) + "|"]
+    for bucket in BUCKETS:
+        for d in designs:
+            first = next((by[(d.name, m, bucket)] for m in metrics if (d.name, m, bucket) in by), None)
+            if first is None:
+                continue
+            n = first["interval"].positions
+            lines.append(f"| {d.name} | {bucket} | {n if n > 1 else 'means only'} | " + " | ".join(
+                show(by[(d.name, m, bucket)]["interval"]) if (d.name, m, bucket) in by else "" for m in metrics)
+                + " |")
+    lines.append("")
+    if control is None:
+        return lines
+    lines += [f"## By difficulty: difference from the control `{control.name}` (design − control)", "",
+              f"| design | bucket | paired | {head} |", "|---" * (len(metrics) + 3) + "|"]
+    for bucket in BUCKETS:
+        for d in designs:
+            if d is control:
+                continue
+            cells = [by[(d.name, m, bucket)].get("difference") if (d.name, m, bucket) in by else None for m in metrics]
+            first = next((c for c in cells if c is not None), None)
+            if first is None:
+                continue
+            paired = f"yes ({first.positions} positions)" if first.paired else "no"
+            lines.append(f"| {d.name} | {bucket} | {paired} | " + " | ".join(show(c, "+") for c in cells) + " |")
+    return lines + [""]
 
 
 def write_design_csv(held: list[dict], control: Design | None, path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["design", "metric", "seeds", "positions", "mean", "lo", "hi", "control", "difference",
-                         "difference_lo", "difference_hi", "paired"])
+        writer.writerow(["design", "metric", "bucket", "seeds", "positions", "mean", "lo", "hi", "control",
+                         "difference", "difference_lo", "difference_hi", "paired"])
         for r in held:
             iv, d = r["interval"], r.get("difference")
-            writer.writerow([r["design"], r["metric"], iv.seeds, iv.positions, iv.mean, iv.lo, iv.hi,
-                             control.name if control is not None else None, *(
+            writer.writerow([r["design"], r["metric"], r["bucket"] or "all", iv.seeds, iv.positions, iv.mean, iv.lo,
+                             iv.hi, control.name if control is not None else None, *(
                                  (d.mean, d.lo, d.hi, d.paired) if d is not None else (None,) * 4)])
 
 

@@ -343,12 +343,29 @@ class EvalConfig(Section):
     seed: int = Field(1234, ge=0)
     """Seed of the held-out positions and thoughts."""
     batch_positions: int = Field(8, ge=1, description="positions per scoring batch (bounds memory)")
+    bucket_by: Literal["entropy", "logprob"] = "entropy"
+    """What makes a held-out position hard, measured once with the starting model (`base_model`): `entropy`,
+    its next-token entropy there (nats, RPT's proxy); `logprob`, its log-prob of the true next token, as
+    -log p (nats), so that higher is harder in both."""
+    buckets: Literal["fixed", "terciles"] = "fixed"
+    """How the easy / medium / hard buckets are cut: `fixed` at `easy_below` and `hard_above`; `terciles` at
+    the 1/3 and 2/3 quantiles of the evaluation set's values (about a third of the positions each, so that
+    no bucket is nearly empty). Fixed once per evaluation set: every checkpoint reads the same buckets."""
     easy_below: float = Field(1.0, ge=0)
-    """A position is easy below this next-token entropy (nats) of the base model."""
+    """`buckets=fixed`: a position is easy below this value of `bucket_by` (nats)."""
     hard_above: float = Field(3.0, ge=0)
-    """A position is hard above this next-token entropy (nats) of the base model."""
+    """`buckets=fixed`: a position is hard above this value of `bucket_by` (nats)."""
     base_model: str | None = Field(None, description="model that defines difficulty; None = model.name_or_path")
     samples: int = Field(4, ge=0, description="thoughts kept for reading")
+
+    @model_validator(mode="after")
+    def _buckets(self) -> "EvalConfig":
+        if self.buckets == "fixed" and self.easy_below > self.hard_above:
+            raise ValueError(f"eval.easy_below={self.easy_below} is above eval.hard_above={self.hard_above}: easy "
+                             "and hard positions would overlap")
+        if self.buckets == "terciles" and self.num_positions < 3:
+            raise ValueError(f"eval.buckets=terciles needs eval.num_positions >= 3, not {self.num_positions}")
+        return self
 
 
 class TrainConfig(Section):

@@ -3,7 +3,9 @@
 Positions are drawn once from the held-out data with a fixed seed, so every checkpoint is
 measured on identical positions. For each position: the no-think NLL of the H target tokens,
 k sampled thoughts with their scores, greedy accuracy with and without thinking, and the base
-model's next-token entropy (the difficulty bucket). Output schema: see `SCHEMA` below.
+model's difficulty there (its next-token entropy, or -log p of the true next token), which puts the
+position in one of three buckets, easy / medium / hard, fixed once per evaluation set so that every
+checkpoint is read on the same buckets. Output schema: see `SCHEMA` below.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from rntp import console
-from rntp.scoring import next_token_entropy, score_groups
+from rntp.scoring import next_token_difficulty, score_groups
 from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
@@ -44,18 +46,28 @@ SCHEMA = {
         "nll_empty_thought": "target NLL after an empty thought (the tags alone), nats/token",
         "info_gain_empty": "nll_no_think - nll_empty_thought: what the tags alone cost (< 0) or give",
         "info_gain_content": "info_gain - info_gain_empty: what the thoughts' words add over an empty thought",
-        "info_gain/<bucket>": "info_gain over positions whose base-model next-token entropy is easy/medium/hard",
+        "<metric>/<bucket>": "info_gain, info_gain_empty, info_gain_content, nll_no_think, acc_no_think, "
+                             "acc_think and thought_len_mean over the positions of one difficulty bucket (easy, "
+                             "medium, hard; None when empty); weighted by positions/<bucket>, they add up to the "
+                             "overall metric",
         "positions/<bucket>": "number of positions in the bucket",
+        "bucket_easy_below, bucket_hard_above": "the thresholds the buckets were cut at (nats of `buckets.by`)",
         "acc_no_think": "teacher-forced greedy top-1 accuracy on the target tokens, no thought",
         "acc_think": "the same after each thought, averaged over thoughts",
         "thought_len_mean/p50/p90/max": "sampled thought tokens",
         "truncated_frac": "thoughts that hit the budget without closing",
         "per_position": "each result's values at every position, for paired comparisons (`rntp compare`): "
                         "`keys` (a hash of the position's context and target ids) and `values` (metric -> one "
-                        "number per position, in `keys` order); the metrics above are their means. Absent in "
-                        "files written before it was added",
+                        "number per position, in `keys` order); the metrics above are their means; `buckets` "
+                        "(each position's difficulty bucket) and `difficulty` (its value). Absent in files "
+                        "written before they were added",
     },
 }
+
+BUCKETS = ("easy", "medium", "hard")
+# metrics reported per difficulty bucket as `<metric>/<bucket>` (means over positions, so they add back up)
+BUCKETED = ("info_gain", "info_gain_empty", "info_gain_content", "nll_no_think", "acc_no_think", "acc_think",
+            "thought_len_mean")
 
 # per-position values kept by `evaluate_policy` (the metrics of the same names are their means over positions)
 PER_POSITION = ("info_gain", "info_gain_empty", "info_gain_content", "nll_no_think", "nll_think_mean",
@@ -78,9 +90,36 @@ def token_byte_lengths(tokenizer, ids: list[int]) -> list[int]:
 @dataclass
 class EvalSet:
     positions: list[Position]
-    difficulty: torch.Tensor  # [P] base-model next-token entropy at each position (nats)
+    difficulty: torch.Tensor  # [P] the starting model's difficulty at each position (nats, `eval.bucket_by`)
     target_bytes: torch.Tensor  # [P]
     skipped: dict
+    buckets: list[str]  # [P] easy / medium / hard, cut once from `difficulty`
+    thresholds: tuple[float, float]  # easy below the first, hard above the second
+
+
+def bucket_thresholds(difficulty: torch.Tensor, how: str, easy_below: float, hard_above: float) -> tuple[float, float]:
+    """Where the buckets are cut: the fixed thresholds, or the terciles of these positions' difficulties."""
+    if how == "fixed":
+        return easy_below, hard_above
+    lo, hi = torch.quantile(difficulty.double(), torch.tensor([1 / 3, 2 / 3], dtype=torch.float64)).tolist()
+    return lo, hi
+
+
+def assign_buckets(difficulty: torch.Tensor, thresholds: tuple[float, float]) -> list[str]:
+    lo, hi = thresholds
+    return ["easy" if d < lo else "hard" if d > hi else "medium" for d in difficulty.tolist()]
+
+
+def bucket_means(per_position: dict[str, torch.Tensor], buckets: list[str]) -> dict:
+    """`<metric>/<bucket>` (the mean over the bucket's positions, None for an empty bucket) and
+    `positions/<bucket>`, for every metric in BUCKETED."""
+    out = {}
+    for b in BUCKETS:
+        mask = torch.tensor([x == b for x in buckets], dtype=torch.bool)
+        out[f"positions/{b}"] = int(mask.sum())
+        for name in BUCKETED:
+            out[f"{name}/{b}"] = float(per_position[name][mask].double().mean()) if mask.any() else None
+    return out
 
 
 def build_eval_set(cfg: Config, tokenizer, base_model) -> EvalSet:
@@ -94,9 +133,12 @@ def build_eval_set(cfg: Config, tokenizer, base_model) -> EvalSet:
     positions = stream.first_epoch(e.num_positions)
     contexts = [p.context for p in positions]
     pad_id = pad_id_of(tokenizer)
-    difficulty = next_token_entropy(base_model, contexts, pad_id, e.batch_positions)
+    true_next = [p.target[0] for p in positions] if e.bucket_by == "logprob" else None
+    difficulty = next_token_difficulty(base_model, contexts, pad_id, e.batch_positions, true_next)
     target_bytes = torch.tensor([sum(token_byte_lengths(tokenizer, p.target)) for p in positions])
-    return EvalSet(positions, difficulty, target_bytes, dict(stream.stats))
+    thresholds = bucket_thresholds(difficulty, e.buckets, e.easy_below, e.hard_above)
+    return EvalSet(positions, difficulty, target_bytes, dict(stream.stats), assign_buckets(difficulty, thresholds),
+                   thresholds)
 
 
 def _quantiles(values: list[float]) -> dict:
@@ -155,8 +197,9 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
         "nll_think_best": float(-think.max(-1).values.sum() / n_tokens),
         "nll_empty_thought": float(-empty.sum() / n_tokens),
         "bpb_think_mean": float(-think.mean(-1).sum() / ln2_bytes),
-        "acc_no_think": float(torch.cat(hits_plain).mean()),
-        "acc_think": float(torch.cat(hits_think).mean()),
+        # float64, like the per-bucket means, so that those add back up to these exactly
+        "acc_no_think": float(torch.cat(hits_plain).double().mean()),
+        "acc_think": float(torch.cat(hits_think).double().mean()),
         "truncated_frac": 1 - sum(closed) / len(closed),
         **_quantiles([float(x) for x in lengths]),
     }
@@ -164,13 +207,6 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     m["info_gain_marginal"] = m["nll_no_think"] - m["nll_think_marginal"]
     m["info_gain_empty"] = m["nll_no_think"] - m["nll_empty_thought"]
     m["info_gain_content"] = m["info_gain"] - m["info_gain_empty"]
-    gain = (think.mean(-1) - plain) / H  # per position, nats/token
-    d = evalset.difficulty
-    buckets = {"easy": d < e.easy_below, "hard": d > e.hard_above}
-    buckets["medium"] = ~(buckets["easy"] | buckets["hard"])
-    for name, mask in buckets.items():
-        m[f"positions/{name}"] = int(mask.sum())
-        m[f"info_gain/{name}"] = float(gain[mask].mean()) if mask.any() else None
     k = e.thoughts
     per = {"nll_no_think": -plain / H, "nll_think_mean": -think.mean(-1) / H, "nll_empty_thought": -empty / H,
            "acc_no_think": torch.cat(hits_plain).double(), "acc_think": torch.cat(hits_think).double().mean(-1),
@@ -179,7 +215,10 @@ def evaluate_policy(model, sampler, tags: ThinkTags, evalset: EvalSet, cfg: Conf
     per["info_gain"] = per["nll_no_think"] - per["nll_think_mean"]
     per["info_gain_empty"] = per["nll_no_think"] - per["nll_empty_thought"]
     per["info_gain_content"] = per["info_gain"] - per["info_gain_empty"]
-    per_position = {"keys": [position_key(p) for p in evalset.positions],
+    m.update(bucket_means(per, evalset.buckets))
+    m["bucket_easy_below"], m["bucket_hard_above"] = evalset.thresholds
+    per_position = {"keys": [position_key(p) for p in evalset.positions], "buckets": evalset.buckets,
+                    "difficulty": evalset.difficulty.tolist(),
                     "values": {name: per[name].tolist() for name in PER_POSITION}}
     return {"metrics": m, "samples": samples, "per_position": per_position}
 
@@ -278,11 +317,15 @@ def run_eval(model_paths: list[str], cfg: Config, out_dir: Path, sampler_kind: s
         m = result["metrics"]
         console.say(f"{entry['label']}: information gain {m['info_gain']:+.3f} nats/token, no-think NLL "
                     f"{m['nll_no_think']:.3f}, thought length {m['thought_len_mean']:.1f}")
+    lo, hi = evalset.thresholds
     report = {**SCHEMA, "data": cfg.eval.data or cfg.data.source, "split": cfg.eval.split,
               "positions": len(evalset.positions), "seed": cfg.eval.seed, "thoughts": cfg.eval.thoughts,
-              "horizon": cfg.data.horizon, "skipped": evalset.skipped, "results": results}
+              "horizon": cfg.data.horizon, "skipped": evalset.skipped,
+              "buckets": {"by": cfg.eval.bucket_by, "how": cfg.eval.buckets, "easy_below": lo, "hard_above": hi},
+              "results": results}
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2))
     write_tables(report, out_dir)
+    console.say("\n" + "\n".join(bucket_table(report)))  # the per-bucket rows, on the terminal too
     return report
 
 
@@ -290,21 +333,51 @@ TABLE_KEYS = ["nll_no_think", "nll_think_mean", "nll_think_marginal", "nll_think
               "info_gain_empty", "info_gain_content",
               "info_gain/easy", "info_gain/medium", "info_gain/hard", "bpb_no_think", "acc_no_think", "acc_think",
               "thought_len_mean", "truncated_frac"]
+CSV_KEYS = TABLE_KEYS + [f"{m}/{b}" for b in BUCKETS for m in BUCKETED if f"{m}/{b}" not in TABLE_KEYS] + [
+    f"positions/{b}" for b in BUCKETS]
+
+# the per-bucket columns of every report
+BUCKET_LABELS = {"info_gain": "information gain", "info_gain_empty": "... empty thought",
+                 "info_gain_content": "... the words", "nll_no_think": "no-think NLL",
+                 "acc_no_think": "accuracy, no thought", "acc_think": "accuracy after a thought",
+                 "thought_len_mean": "thought length"}
+
+
+def buckets_note(by: str, easy_below, hard_above) -> str:
+    """One line that says how the buckets were cut."""
+    what = {"entropy": "next-token entropy", "logprob": "-log p of the true next token"}.get(by, by)
+    cut = f"easy below {easy_below:.2f}, hard above {hard_above:.2f} nats" if easy_below is not None else ""
+    return f"By difficulty (the starting model's {what} at each position; {cut}; the same buckets for every model)"
+
+
+def bucket_table(report: dict) -> list[str]:
+    """Markdown: one row per model and difficulty bucket (`rntp eval`'s eval.md and terminal)."""
+    b = report.get("buckets", {})
+    fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = [buckets_note(b.get("by", "entropy"), b.get("easy_below"), b.get("hard_above")) + ":", "",
+             "| model | step | bucket | positions | " + " | ".join(BUCKET_LABELS.values()) + " |",
+             "|---|---|---|---:" + "|---:" * len(BUCKET_LABELS) + "|"]
+    for r in report["results"]:
+        m = r["metrics"]
+        lines += [f"| {r['label']} | {fmt(r['step'])} | {bucket} | {m.get(f'positions/{bucket}')} | "
+                  + " | ".join(fmt(m.get(f"{k}/{bucket}")) for k in BUCKET_LABELS) + " |" for bucket in BUCKETS]
+    return lines
 
 
 def write_tables(report: dict, out_dir: Path) -> None:
     rows = report["results"]
     with open(out_dir / "eval.csv", "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["model", "step", *TABLE_KEYS])
+        writer.writerow(["model", "step", *CSV_KEYS])
         for r in rows:
-            writer.writerow([r["label"], r["step"], *(r["metrics"].get(k) for k in TABLE_KEYS)])
+            writer.writerow([r["label"], r["step"], *(r["metrics"].get(k) for k in CSV_KEYS)])
     fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = [f"# Evaluation on {report['data']} ({report['positions']} positions, k={report['thoughts']}, "
              f"H={report['horizon']}, seed {report['seed']})", "",
              "| model | step | " + " | ".join(TABLE_KEYS) + " |", "|---" * (len(TABLE_KEYS) + 2) + "|"]
     lines += [f"| {r['label']} | {fmt(r['step'])} | " + " | ".join(fmt(r["metrics"].get(k)) for k in TABLE_KEYS)
               + " |" for r in rows]
+    lines += ["", *bucket_table(report)]
     plot = plot_against_step(rows, out_dir)
     if plot:
         lines += ["", f"![metrics against step]({plot.name})"]
@@ -314,13 +387,16 @@ def write_tables(report: dict, out_dir: Path) -> None:
             lines += [f"- **context** …{s['context_tail']!r}", f"  **thought** {s['thought']!r}",
                       f"  **target** {s['target']!r} (score {s['score']:.2f}, no-think {s['no_think_score']:.2f})"]
     (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
+    from rntp.compare import md_tables_to_html
+
     body = "".join(f"<tr><td>{html.escape(r['label'])}</td><td>{fmt(r['step'])}</td>"
                    + "".join(f"<td>{fmt(r['metrics'].get(k))}</td>" for k in TABLE_KEYS) + "</tr>" for r in rows)
     head = "".join(f"<th>{html.escape(k)}</th>" for k in ["model", "step", *TABLE_KEYS])
     (out_dir / "eval.html").write_text(
         f"<html><head><meta charset='utf-8'><title>RNTP eval</title></head><body>"
         f"<h1>Evaluation on {html.escape(str(report['data']))}</h1><table border=1 cellpadding=4>"
-        f"<tr>{head}</tr>{body}</table>" + (f"<p><img src='{plot.name}'></p>" if plot else "") + "</body></html>")
+        f"<tr>{head}</tr>{body}</table>{md_tables_to_html(bucket_table(report))}"
+        + (f"<p><img src='{plot.name}'></p>" if plot else "") + "</body></html>")
 
 
 def plot_against_step(rows: list[dict], out_dir: Path) -> Path | None:
@@ -362,10 +438,10 @@ REPORT_KEYS = [
 ]
 
 
-def held_out_report(rows: list[dict], samples: list[dict] | None = None) -> str | None:
+def held_out_report(rows: list[dict], samples: list[dict] | None = None, bucket_by: str = "entropy") -> str | None:
     """Markdown from a run's metrics rows: the first held-out evaluation (step 0 = the base model)
-    against the last, then every evaluation (the curve) and a few of the last evaluation's thoughts;
-    None if the run evaluated nothing."""
+    against the last, overall and by difficulty bucket, then every evaluation (the curve) and a few of
+    the last evaluation's thoughts; None if the run evaluated nothing."""
     evals = [r for r in rows if r.get("eval/info_gain") is not None]
     if not evals:
         return None
@@ -382,6 +458,7 @@ def held_out_report(rows: list[dict], samples: list[dict] | None = None) -> str 
         if numbers and key == "nll_no_think" and a:
             change += f" ({(b - a) / a:+.1%})"  # the language model without thinking should not get worse
         lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {change} |")
+    lines += ["", *bucket_change_table(first, last, bucket_by)]
     keys = [k for k, _ in REPORT_KEYS]
     lines += ["", "## Every evaluation", "", "| step | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     lines += [f"| {r['step']} | " + " | ".join(fmt(r.get(f"eval/{k}")) for k in keys) + " |" for r in evals]
@@ -391,3 +468,23 @@ def held_out_report(rows: list[dict], samples: list[dict] | None = None) -> str 
             lines += [f"- …{s['context_tail'][-80:]!r} **{s['thought']!r}** {s['target']!r} "
                       f"(target log-prob {s['score']:.2f}, without the thought {s['no_think_score']:.2f})"]
     return "\n".join(lines) + "\n"
+
+
+def bucket_change_table(first: dict, last: dict, bucket_by: str) -> list[str]:
+    """Markdown: each difficulty bucket's metrics at the first and the last evaluation (metrics rows, eval/*)."""
+    if all(first.get(f"eval/positions/{b}") is None for b in BUCKETS):
+        return []
+    fmt = lambda v: "" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    arrow = lambda a, z: "" if a is None and z is None else f"{fmt(a)} → {fmt(z)}"  # noqa: E731
+    lines = [buckets_note(bucket_by, first.get("eval/bucket_easy_below"), first.get("eval/bucket_hard_above"))
+             + f", step {first['step']} → step {last['step']}:", "",
+             "| bucket | positions | " + " | ".join(BUCKET_LABELS.values()) + " | change in information gain |",
+             "|---|---:" + "|---:" * (len(BUCKET_LABELS) + 1) + "|"]
+    for b in BUCKETS:
+        a, z = first.get(f"eval/info_gain/{b}"), last.get(f"eval/info_gain/{b}")
+        change = f"{z - a:+.3f}" if a is not None and z is not None else ""
+        count = last.get(f"eval/positions/{b}")
+        lines.append(f"| {b} | {'' if count is None else int(count)} | "
+                     + " | ".join(arrow(first.get(f"eval/{k}/{b}"), last.get(f"eval/{k}/{b}")) for k in BUCKET_LABELS)
+                     + f" | {change} |")
+    return lines

@@ -164,9 +164,11 @@ def export_merged(folder, out_dir, base: str | None = None, dtype=torch.float32)
 
 def export(path, out_dir, base: str | None = None, dtype: str = "float32") -> Path:
     """`rntp export`: a plain Hugging Face folder from a checkpoint (or a run folder's newest intact one):
-    a LoRA adapter merged into its base, a whole-model checkpoint without its trainer state."""
+    a LoRA adapter merged into its base, a whole-model checkpoint without its trainer state; with its model
+    card (README.md)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from rntp.card import write_card
     from rntp.checkpoint import find_checkpoint
 
     out_dir = Path(out_dir)
@@ -176,9 +178,11 @@ def export(path, out_dir, base: str | None = None, dtype: str = "float32") -> Pa
     ckpt = Path(path) if bare_adapter else find_checkpoint(path)  # verified against its manifest
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     if is_adapter_folder(ckpt):
-        return export_merged(ckpt, out_dir, base, torch_dtype)
-    AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype).save_pretrained(out_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(ckpt).save_pretrained(out_dir)
+        export_merged(ckpt, out_dir, base, torch_dtype)
+    else:
+        AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype).save_pretrained(out_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(ckpt).save_pretrained(out_dir)
+    write_card(out_dir, ckpt, adapter=False, merged=is_adapter_folder(ckpt), base=base)  # what it is, how to use it
     return out_dir
 
 

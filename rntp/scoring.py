@@ -151,8 +151,10 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
 
 
 @torch.no_grad()
-def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batch: int) -> torch.Tensor:
-    """Entropy (nats) of the model's next-token distribution after each context, [P]."""
+def next_token_difficulty(model, contexts: list[list[int]], pad_id: int, micro_batch: int,
+                          true_next: list[int] | None = None) -> torch.Tensor:
+    """How hard the next token is after each context, [P] nats: the entropy of the model's next-token
+    distribution, or, given the true next tokens, minus their log-probs."""
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(contexts), micro_batch):
@@ -160,5 +162,14 @@ def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batc
         ids, attn = ids.to(device), attn.to(device)
         logits = model(input_ids=ids, attention_mask=attn, position_ids=(attn.cumsum(-1) - 1).clamp(min=0),
                        logits_to_keep=1, use_cache=False).logits[:, -1].float()
-        out.append(entropy_from_logits(logits).cpu())
+        if true_next is None:
+            out.append(entropy_from_logits(logits).cpu())
+        else:
+            true = torch.tensor(true_next[s : s + micro_batch], device=device)
+            out.append(-torch.log_softmax(logits, -1).gather(-1, true[:, None])[:, 0].cpu())
     return torch.cat(out)
+
+
+def next_token_entropy(model, contexts: list[list[int]], pad_id: int, micro_batch: int) -> torch.Tensor:
+    """Entropy (nats) of the model's next-token distribution after each context, [P]."""
+    return next_token_difficulty(model, contexts, pad_id, micro_batch)

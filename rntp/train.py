@@ -28,6 +28,7 @@ from transformers import AutoConfig
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
 from rntp import attention, console, grpo, lora, stopping
+from rntp.card import write_card
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
 from rntp.data import Position, PositionStream
@@ -641,7 +642,8 @@ def finish_run(run: Run) -> Path:
         run.samples_file.close()
         plot = run.metrics.plot() if run.cfg.log.plot else None
         run.metrics.finish()
-        report = held_out_report(run.metrics.rows, run.eval_samples)
+        report = held_out_report(run.metrics.rows, run.eval_samples, run.cfg.eval.bucket_by)
+        write_card(final, final, adapter=run.cfg.model.lora.enabled)  # README.md: what the checkpoint is, its scores
         if report:
             (run.run_dir / "heldout.md").write_text(report)
             console.say("\n" + report.split("\n\n## ")[0] + "\n")  # the before/after table; the file: the curve too

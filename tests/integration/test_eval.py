@@ -40,6 +40,7 @@ def test_no_think_nll_equals_transformers_loss_and_bpb_follows(tiny_config, tiny
     assert m["nll_think_best"] <= m["nll_think_marginal"] + 1e-9 <= m["nll_think_mean"] + 2e-9
     assert m["info_gain"] == pytest.approx(m["nll_no_think"] - m["nll_think_mean"])
     assert sum(m[f"positions/{b}"] for b in ("easy", "medium", "hard")) == 6
+    assert m["info_gain/easy"] is None or m["nll_no_think/easy"] > 0  # every metric by bucket, not only the gain
     assert 0 <= m["acc_no_think"] <= 1 and 0 <= m["truncated_frac"] <= 1
 
 
@@ -72,10 +73,19 @@ def test_same_checkpoint_data_and_seed_give_the_same_numbers(tiny_config, tiny_m
     assert a["results"][0]["samples"] == b["results"][0]["samples"]
 
 
-def test_run_folder_evaluates_base_and_every_checkpoint_with_reports(tiny_config, tmp_path):
+def test_run_folder_evaluates_base_and_every_checkpoint_with_reports(tiny_config, tmp_path, capsys):
     train(tiny_config("train.steps=2", "train.save_every=1"))
     cfg = eval_config(tiny_config)
+    capsys.readouterr()
     report = run_eval([str(tmp_path / "run")], cfg, tmp_path / "eval", sampler_kind="hf")
+    # the per-bucket rows: on the terminal, in eval.md and eval.csv, with how the buckets were cut
+    printed = capsys.readouterr().out
+    assert "By difficulty (the starting model's next-token entropy at each position; easy below 1.00" in printed
+    assert sum(line.startswith("| step_000002 | 2 | ") for line in printed.splitlines()) == 3
+    assert report["buckets"] == {"by": "entropy", "how": "fixed", "easy_below": 1.0, "hard_above": 3.0}
+    md = (tmp_path / "eval" / "eval.md").read_text()
+    assert all(f"| step_000001 | 1 | {b} | " in md for b in ("easy", "medium", "hard"))
+    assert "nll_no_think/hard" in (tmp_path / "eval" / "eval.csv").read_text().splitlines()[0]
     assert [r["step"] for r in report["results"]] == [0, 1, 2]
     assert report["schema"] == "rntp.eval/1" and report["positions"] == 6
     on_disk = json.loads((tmp_path / "eval" / "eval.json").read_text())
@@ -153,3 +163,32 @@ def test_bad_eval_input_is_a_clear_error(tiny_config, tmp_path):
     with pytest.raises(ValueError, match="no usable positions.*short_docs"):
         run_eval([str(cfg.model.name_or_path)], eval_config(tiny_config, f"eval.data={short}"), tmp_path / "out",
                  sampler_kind="hf")
+
+
+def test_buckets_add_back_up_and_logprob_difficulty_is_the_true_tokens_nll(tiny_config, tiny_model_dir, tokenizer):
+    """Terciles of the base model's -log p(true next token): each bucket holds 2 of the 6 positions, the
+    difficulty is an independent forward's NLL of the first target token, and every per-bucket metric,
+    weighted by its positions, adds back up to the overall one (a float64 loop over the saved values)."""
+    from rntp.evaluate import BUCKETED, BUCKETS
+
+    cfg = eval_config(tiny_config, "eval.bucket_by=logprob", "eval.buckets=terciles")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    evalset = build_eval_set(cfg, tokenizer, model)
+    for p, d in zip(evalset.positions, evalset.difficulty.tolist()):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p.context])).logits[0, -1].double()
+        assert d == pytest.approx(-float(torch.log_softmax(logits, -1)[p.target[0]]), abs=1e-4)
+    assert sorted(evalset.buckets) == ["easy"] * 2 + ["hard"] * 2 + ["medium"] * 2
+    sampler = make_sampler("hf", str(tiny_model_dir), ThinkTags(tokenizer), policy=model)
+    result = evaluate_policy(model, sampler, ThinkTags(tokenizer), evalset, cfg, progress=False)
+    m, per = result["metrics"], result["per_position"]
+    assert per["buckets"] == evalset.buckets and per["difficulty"] == evalset.difficulty.tolist()
+    assert (m["bucket_easy_below"], m["bucket_hard_above"]) == evalset.thresholds
+    for name in BUCKETED:
+        total = 0.0
+        for b in BUCKETS:
+            inside = [v for v, label in zip(per["values"][name], per["buckets"]) if label == b]
+            assert m[f"positions/{b}"] == len(inside) == 2
+            assert m[f"{name}/{b}"] == pytest.approx(math.fsum(inside) / 2, abs=1e-9), (name, b)
+            total += m[f"positions/{b}"] * m[f"{name}/{b}"]
+        assert total / 6 == pytest.approx(m[name], abs=1e-9), name

@@ -235,6 +235,14 @@ def test_a_merged_export_scores_as_the_adapter_on_its_base(tiny_config, tiny_mod
     out = tmp_path / "merged"
     assert main(["export", "--model", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    # the cards: the checkpoint is an adapter on its base, the export a model merged from one
+    from huggingface_hub import metadata_load
+
+    assert metadata_load(ckpt / "README.md")["library_name"] == "peft"
+    assert "A **LoRA adapter** (rank" in (ckpt / "README.md").read_text()
+    assert metadata_load(out / "README.md")["library_name"] == "transformers"
+    assert "**LoRA adapter** (rank" in (out / "README.md").read_text() and "merged into its weights" in (
+        out / "README.md").read_text()
     merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no PEFT
     adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(ckpt))
     ids = torch.tensor([list(range(300, 360))])

@@ -121,9 +121,10 @@ def test_design_names_drop_a_sweeps_seed_suffix(name, design):
 KEYS = [f"k{i}" for i in range(20)]
 
 
-def write_run(root, name, overrides, gains, steps=(0, 10), per_position=True, eval_json=False):
+def write_run(root, name, overrides, gains, steps=(0, 10), per_position=True, eval_json=False, buckets=None):
     """A run folder as training leaves it: config.yaml, metrics.jsonl with eval/* rows and (new runs)
-    eval_positions.jsonl; gains[step] = the info gain at each of the 20 positions."""
+    eval_positions.jsonl; gains[step] = the info gain at each of the 20 positions; `buckets`: each
+    position's difficulty bucket, saved with the values."""
     run = root / name
     run.mkdir(parents=True)
     cfg = load_config(None, [f"run_dir={run}", *overrides])
@@ -132,7 +133,7 @@ def write_run(root, name, overrides, gains, steps=(0, 10), per_position=True, ev
     for step in steps:
         values = {"info_gain": list(gains[step]), "nll_no_think": [3.0] * 20, "thought_len_mean": [5.0] * 20}
         rows.append({"step": step, "reward/mean": 0.1, **{f"eval/{k}": float(np.mean(v)) for k, v in values.items()}})
-        lines.append({"step": step, "keys": KEYS, "values": values})
+        lines.append({"step": step, "keys": KEYS, "values": values, **({"buckets": buckets} if buckets else {})})
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     if per_position:
         (run / "eval_positions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
@@ -216,3 +217,47 @@ def test_an_unknown_control_is_a_clear_error(sweep, tmp_path):
     runs, _ = sweep
     with pytest.raises(ValueError, match="--control 'nope' is not one of the designs: control, info_gain"):
         compare([str(r) for r in runs], tmp_path / "cmp", control="nope")
+
+
+def test_compare_per_bucket_gives_the_same_paired_intervals_over_the_buckets_positions(tmp_path):
+    """Two designs x 3 seeds on 20 positions cut 6 / 8 / 6 into buckets: each bucket's mean, interval and
+    paired difference from the control are the overall computations on that bucket's columns, and the
+    bucket means weighted by their positions add back up to the overall mean."""
+    rng = np.random.default_rng(2)
+    buckets = ["easy"] * 6 + ["medium"] * 8 + ["hard"] * 6
+    order = rng.permutation(20)
+    buckets = [buckets[i] for i in order]
+    help_hard = np.array([0.4 if b == "hard" else 0.0 for b in buckets])  # the design helps hard positions only
+    difficulty = rng.normal(size=20)
+    gains, runs = {}, []
+    for design, overrides, shift in (("control", ["grpo.pg_coef=0"], 0.0), ("design", ["reward.name=info_gain"], 1.0)):
+        for seed in range(3):
+            g = {0: difficulty, 10: difficulty + shift * help_hard + rng.normal(size=20) * 0.05}
+            gains[(design, seed)] = g[10]
+            runs.append(write_run(tmp_path, f"{design}__seed-{seed}", [*overrides, f"train.seed={seed}"], g,
+                                  buckets=buckets))
+    out = tmp_path / "cmp"
+    compare([str(r) for r in runs], out, resamples=400)
+    rows = {(r["design"], r["metric"], r["bucket"]): r for r in __import__("csv").DictReader(open(out / "designs.csv"))}
+    final = lambda d, cols: np.array([gains[(d, s)][cols] for s in range(3)])  # noqa: E731
+    total = 0.0
+    for b in ("easy", "medium", "hard"):
+        cols = [i for i in range(20) if buckets[i] == b]
+        row = rows[("design", "info_gain", b)]
+        expected = bootstrap_mean(final("design", cols), resamples=400)
+        assert row["positions"] == str(len(cols)) and float(row["mean"]) == pytest.approx(expected.mean, abs=1e-12)
+        assert (float(row["lo"]), float(row["hi"])) == pytest.approx((expected.lo, expected.hi), abs=1e-12)
+        diff = bootstrap_difference(final("design", cols), final("control", cols), paired=True, resamples=400)
+        assert (float(row["difference"]), float(row["difference_lo"]), float(row["difference_hi"])) == \
+            pytest.approx((diff.mean, diff.lo, diff.hi), abs=1e-12)
+        assert row["paired"] == "True"
+        total += len(cols) * float(row["mean"])
+    overall = rows[("design", "info_gain", "all")]
+    assert total / 20 == pytest.approx(float(overall["mean"]), abs=1e-12)
+    # the design's help is resolved on the hard positions and nowhere else
+    assert float(rows[("design", "info_gain", "hard")]["difference_lo"]) > 0.3
+    assert float(rows[("design", "info_gain", "easy")]["difference_lo"]) < 0 < float(
+        rows[("design", "info_gain", "easy")]["difference_hi"])
+    md = (out / "compare.md").read_text()
+    assert "## By difficulty: difference from the control `control`" in md
+    assert "| design | hard | yes (6 positions) | +0.4" in md
