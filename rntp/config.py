@@ -183,8 +183,10 @@ class RolloutConfig(Section):
     as they are. `text`: the tags stay plain text (a small model then rarely closes a thought)."""
     seed_requests: bool = True
     """vLLM samplers: a seed on every request, so a run (and a resumed run) draws the same thoughts for
-    the same seed and weights. false lets vLLM sample from its engine generator: faster on GPUs (FlashInfer
-    sampling, no per-request loop), but a resumed run then draws other thoughts than an uninterrupted one."""
+    the same seed and weights. false lets vLLM draw every request's noise in one batched call instead of a
+    Python loop over seeded requests at each decode step, but a resumed run then draws other thoughts than
+    an uninterrupted one. (It does not enable FlashInfer's sampler: RNTP's engines ask for processed
+    log-probs, which vLLM's FlashInfer path cannot give, so they sample natively either way.)"""
     max_staleness: int = Field(0, ge=0)
     """k: the batch of step t is sampled by the weights after step t - 1 - k, in the background while
     the trainer works on earlier batches (`rntp/rollout_queue.py`); 0 = the synchronous loop. Server
