@@ -61,8 +61,10 @@ test: lint prepare
 test-unit: install
 	$(BIN)/python -m pytest tests -m unit -q
 
+# ruff, then the import layers (pyproject.toml's [tool.importlinter]: imports cross only downwards)
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 bench: prepare
 	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server

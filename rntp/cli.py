@@ -206,8 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 console.say(f"lm-eval: {len(report['results'])} result(s) -> {out / 'lm_eval.json'}, "
                             f"{out / 'lm_eval.md'}")
         elif args.command == "export":
-            from rntp.lora import export
-            from rntp.publish import push_problem, push_to_hub
+            from rntp.publish import export, push_problem, push_to_hub
 
             if (args.private or args.revision) and not args.push_to_hub:
                 raise ValueError("--private and --revision go with --push-to-hub")

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rntp.evaluate import BUCKETS
+from rntp.evaluate import BUCKETS, md_tables_to_html
 from rntp.runfiles import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -469,33 +469,6 @@ def write_design_csv(held: list[dict], control: Design | None, path: Path) -> No
             writer.writerow([r["design"], r["metric"], r["bucket"] or "all", iv.seeds, iv.positions, iv.mean, iv.lo,
                              iv.hi, control.name if control is not None else None, *(
                                  (d.mean, d.lo, d.hi, d.paired) if d is not None else (None,) * 4)])
-
-
-def md_tables_to_html(lines: list[str]) -> str:
-    """The design tables' Markdown as HTML (headings, paragraphs, pipe tables)."""
-    out, rows = [], []
-
-    def flush():
-        if rows:
-            head, *body = rows
-            out.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
-                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
-                                           for r in body) + "</table>")
-            rows.clear()
-
-    for line in lines:
-        if line.startswith("|"):
-            cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            if not all(set(c) <= set("-") for c in cells):
-                rows.append(cells)
-            continue
-        flush()
-        if line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.strip():
-            out.append(f"<p>{html.escape(line)}</p>")
-    flush()
-    return "".join(out)
 
 
 def curve(design: Design, metric: str, resamples: int, seed: int) -> list[tuple[int, Interval]]:

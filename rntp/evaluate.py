@@ -387,7 +387,6 @@ def write_tables(report: dict, out_dir: Path) -> None:
             lines += [f"- **context** …{s['context_tail']!r}", f"  **thought** {s['thought']!r}",
                       f"  **target** {s['target']!r} (score {s['score']:.2f}, no-think {s['no_think_score']:.2f})"]
     (out_dir / "eval.md").write_text("\n".join(lines) + "\n")
-    from rntp.compare import md_tables_to_html
 
     body = "".join(f"<tr><td>{html.escape(r['label'])}</td><td>{fmt(r['step'])}</td>"
                    + "".join(f"<td>{fmt(r['metrics'].get(k))}</td>" for k in TABLE_KEYS) + "</tr>" for r in rows)
@@ -488,3 +487,30 @@ def bucket_change_table(first: dict, last: dict, bucket_by: str) -> list[str]:
                      + " | ".join(arrow(first.get(f"eval/{k}/{b}"), last.get(f"eval/{k}/{b}")) for k in BUCKET_LABELS)
                      + f" | {change} |")
     return lines
+
+
+def md_tables_to_html(lines: list[str]) -> str:
+    """Report tables' Markdown as HTML (headings, paragraphs, pipe tables), for eval.html and compare.html."""
+    out, rows = [], []
+
+    def flush():
+        if rows:
+            head, *body = rows
+            out.append("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in head)
+                       + "</tr>" + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                                           for r in body) + "</table>")
+            rows.clear()
+
+    for line in lines:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not all(set(c) <= set("-") for c in cells):
+                rows.append(cells)
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush()
+    return "".join(out)

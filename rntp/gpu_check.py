@@ -58,26 +58,6 @@ STAGES = ("env", "tests", "train", "attention", "multi")
 LIMITS = {"env": 25, "tests": 80, "train": 240, "attention": 75, "multi": 240}
 FAULT_ENV = "RNTP_GPU_CHECK_FAULT"  # "stage=raise" or "stage=hang", comma-separated: the rehearsal's faults
 
-# Architectures of real models (their config.json values), built with random weights.
-SHAPES = {
-    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
-    # for a smoke run on CPU (tests): the same code path in seconds
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                 num_key_value_heads=1, vocab_size=4096, tie_word_embeddings=True),
-}
-# Qwen3 (q/k norms, head_dim set apart from hidden / heads): the numbers of Qwen/Qwen3-1.7B's and
-# Qwen/Qwen3-8B's config.json (their sources are cited in rntp.plan.builtin_shapes).
-QWEN3_SHAPES = {
-    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
-}
 # Dense (no sparsity) BF16 tensor-core peak of one GPU, TFLOP/s. NVIDIA's datasheets print the figures
 # "with sparsity", twice these: H100 Tensor Core GPU datasheet, BF16 1,979 TFLOPS* (H100 SXM), 1,513* (H100
 # PCIe), 1,671* (H100 NVL); H200 datasheet, 1,979* (H200 SXM), 1,671* (H200 NVL); A100 datasheet, 624*
@@ -138,6 +118,8 @@ def trained_tokenizer(corpus: Path, out: Path):
 def model_config(shape: str, tokenizer=None, **overrides):
     """A transformers config of `shape` (Qwen3 or Qwen2 architecture), built in code."""
     from transformers import Qwen2Config, Qwen3Config
+
+    from rntp.plan import QWEN3_SHAPES, SHAPES
 
     config_cls = Qwen3Config if shape in QWEN3_SHAPES else Qwen2Config
     ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -1036,7 +1018,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a stage's time limit (defaults: {LIMITS})")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (the runner's child)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: the CI rehearsal of every stage")
-    p.add_argument("--shape", default="qwen3-1.7b", help="the model's shape (rntp.gpu_check.QWEN3_SHAPES, SHAPES)")
+    p.add_argument("--shape", default="qwen3-1.7b", help="the model's shape (rntp.plan.QWEN3_SHAPES, SHAPES)")
     p.add_argument("--steps", type=int, default=2, help="training steps (the first is a warm-up)")
     p.add_argument("--context", type=int, default=2048, help="C, every context's length (RLP: 2048)")
     p.add_argument("--thought", type=int, default=2048, help="T, rollout.max_thought_tokens (RLP: 2048)")

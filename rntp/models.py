@@ -94,14 +94,3 @@ def _load_zero3(path: str, cfg: Config, info: DistInfo, micro_steps: int):
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model
-
-
-def load_tokenizer(path: str):
-    """The tokenizer of a model folder; a damaged tokenizer file is one error naming the folder."""
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # a damaged tokenizer file: name the folder, not a parser traceback
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {first}") from None

@@ -71,9 +71,31 @@ class Shape:
         return self.non_embedding() + self.vocab * self.hidden * (1 if self.tied else 2)
 
 
+# Architectures of real models (their config.json values): the planner counts them, and the GPU check
+# builds them with random weights.
+SHAPES = {
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+    # for a smoke run on CPU (tests): the same code path in seconds
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1, vocab_size=4096, tie_word_embeddings=True),
+}
+# Qwen3 (q/k norms, head_dim set apart from hidden / heads): the numbers of Qwen/Qwen3-1.7B's and
+# Qwen/Qwen3-8B's config.json (their sources are cited in `builtin_shapes`).
+QWEN3_SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+}
+
 def _qwen2(hidden_size, intermediate_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
            vocab_size, tie_word_embeddings) -> Shape:
-    """A shape of rntp.gpu_check.SHAPES (Qwen2 architecture: head_dim = hidden / heads, q/k/v biases)."""
+    """A shape of SHAPES (Qwen2 architecture: head_dim = hidden / heads, q/k/v biases)."""
     return Shape(hidden_size, num_hidden_layers, num_attention_heads, num_key_value_heads,
                  hidden_size // num_attention_heads, intermediate_size, vocab_size, tie_word_embeddings,
                  qkv_bias=True)
@@ -91,8 +113,6 @@ def builtin_shapes() -> dict[str, Shape]:
       num_key_value_heads 8, head_dim 128, intermediate_size 12288, vocab_size 151936,
       tie_word_embeddings false (Qwen/Qwen3-8B config.json, copied verbatim on the hub). 8.19 B.
     """
-    from rntp.gpu_check import QWEN3_SHAPES, SHAPES
-
     shapes = {name: _qwen2(**numbers) for name, numbers in SHAPES.items()}
     for name, n in QWEN3_SHAPES.items():
         shapes[name] = Shape(n["hidden_size"], n["num_hidden_layers"], n["num_attention_heads"],

@@ -1,4 +1,5 @@
-"""`rntp export --push-to-hub ORG/NAME`: an exported folder, card included, to a Hugging Face Hub model repo.
+"""`rntp export`: a checkpoint as a plain Hugging Face folder with its model card, and with `--push-to-hub
+ORG/NAME` that folder to a Hugging Face Hub model repo.
 
 Through `huggingface_hub` (its token from the usual places: HF_TOKEN, or `hf auth login`'s file). What
 can be checked before anything is written (the repository name, being online, having a token) is
@@ -9,6 +10,32 @@ a failed upload leaves no half-uploaded revision on the Hub either.
 from __future__ import annotations
 
 from pathlib import Path
+
+
+def export(path, out_dir, base: str | None = None, dtype: str = "float32") -> Path:
+    """`rntp export`: a plain Hugging Face folder from a checkpoint (or a run folder's newest intact one):
+    a LoRA adapter merged into its base, a whole-model checkpoint without its trainer state; with its model
+    card (README.md)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rntp.card import write_card
+    from rntp.checkpoint import find_checkpoint
+    from rntp.lora import export_merged, is_adapter_folder
+
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty; export into a new folder")
+    bare_adapter = is_adapter_folder(path) and not (Path(path) / "manifest.json").exists()  # PEFT's own save
+    ckpt = Path(path) if bare_adapter else find_checkpoint(path)  # verified against its manifest
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    if is_adapter_folder(ckpt):
+        export_merged(ckpt, out_dir, base, torch_dtype)
+    else:
+        AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch_dtype).save_pretrained(out_dir, safe_serialization=True)
+        AutoTokenizer.from_pretrained(ckpt).save_pretrained(out_dir)
+    write_card(out_dir, ckpt, adapter=False, merged=is_adapter_folder(ckpt), base=base)  # what it is, how to use it
+    return out_dir
 
 
 def push_problem(repo_id: str) -> str | None:

@@ -90,8 +90,6 @@ def model_with_tags(path: str, open_tag: str, close_tag: str, *, trust_remote_co
     tokens, else a copy with them added (made here once, then reused)."""
     from transformers import AutoModelForCausalLM
 
-    from rntp.models import load_tokenizer
-
     tokenizer = load_tokenizer(path)
     if not needs_tag_tokens(tokenizer, open_tag, close_tag):
         return path
@@ -117,7 +115,6 @@ def run_tokenizer(cfg):
     """The tokenizer of the model a run starts from (`base_model_path`), without loading any weights or
     making the tagged copy, so that data and lengths are checked before a model loads: the model's own
     tokenizer with the tags added as `add_tag_tokens` adds them where `rollout.tag_tokens=add` needs it."""
-    from rntp.models import load_tokenizer
     from rntp.prepare import resolve_model_path
 
     tokenizer = load_tokenizer(resolve_model_path(cfg.model.name_or_path))
@@ -136,3 +133,14 @@ def base_model_path(cfg) -> str:
         return path
     return model_with_tags(path, cfg.rollout.open_tag, cfg.rollout.close_tag,
                            trust_remote_code=cfg.model.trust_remote_code)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of a model folder; a damaged tokenizer file is one error naming the folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a damaged tokenizer file: name the folder, not a parser traceback
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {first}") from None

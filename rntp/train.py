@@ -37,10 +37,10 @@ from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, barri
 from rntp.engines import Engine, engine_class, make_engine
 from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
-from rntp.models import load_policy, load_tokenizer, load_trainable
+from rntp.models import load_policy, load_trainable
 from rntp.packing import build_packs, check_packed_forward, packed_logprobs, packs_per_step
 from rntp.prepare import resolve_model_path
-from rntp.think_tokens import base_model_path, run_tokenizer
+from rntp.think_tokens import base_model_path, load_tokenizer, run_tokenizer
 from rntp.rollout_queue import RolloutQueue
 from rntp.runfiles import clear_run, cut_jsonl, resumes_inside, run_dir_problem
 from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,

@@ -15,6 +15,7 @@ from rntp.checkpoint import load_trainer_state
 from rntp.cli import main
 from rntp.config import LoRAConfig, load_config
 from rntp.packing import build_packs, check_packed_forward, packed_logprobs
+from rntp.publish import export
 from rntp.train import follow, train
 from rollout.vllm_utils import vllm_available
 from tests.integration.test_distributed import WORKER, torchrun
@@ -449,7 +450,7 @@ def test_vllm_loads_the_merged_export_and_scores_it_as_the_adapter(lora_engine, 
     folder = tmp_path / "ckpt"
     save_adapter(folder, dict(engine.full_tensors()), engine.adapter)
     lora_engine.push_weights(engine.weights())
-    lora.export(folder, tmp_path / "merged")
+    export(folder, tmp_path / "merged")
     plain = make_sampler("vllm", str(tmp_path / "merged"), ThinkTags(tokenizer), dtype="float32", max_model_len=256)
     try:
         a, b = lora_engine.prompt_logprobs([seq])[0], plain.prompt_logprobs([seq])[0]

@@ -5,6 +5,8 @@ pieces the refactor of issue 9 moved (engine factory, metric reductions, helpers
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -193,3 +195,31 @@ def test_readme_layout_matches_the_tree():
         if match.group(1) in ("rntp/engines", "rewards", "rollout"):
             present = {p.name for p in folder.glob("*.py")} - {"__init__.py"}
             assert present <= named, f"{match.group(1)}: not in the README's Layout: {sorted(present - named)}"
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter's contracts (pyproject.toml) on the packages under `root`, lazy imports included."""
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache", "--config",
+                           str(root / "pyproject.toml")], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_the_layer_contracts_hold_and_a_circle_made_on_purpose_breaks_them(tmp_path):
+    """`make lint`'s import layers: kept on the tree; broken by a lower module importing a higher one
+    inside a function (a lazy import, which the module-level check above cannot see)."""
+    import shutil
+
+    for name in (*PACKAGES, "pyproject.toml"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy
+        copy(ROOT / name, tmp_path / name)
+    kept = lint_imports(tmp_path)
+    assert kept.returncode == 0, kept.stdout[-3000:] + kept.stderr[-2000:]
+    assert "2 kept, 0 broken" in kept.stdout
+    config = tmp_path / "rntp" / "config.py"
+    config.write_text(config.read_text() + "\n\ndef _circle():\n    from rntp.train import train  # noqa: F401\n")
+    broken = lint_imports(tmp_path)
+    assert broken.returncode != 0 and "BROKEN" in broken.stdout
+    assert "rntp.config -> rntp.train" in broken.stdout
