@@ -365,7 +365,6 @@ def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float
     return PackedLogProbs(out.logits, head.argmax, head.entropy)
 
 
-@torch.no_grad()
 def bf16_tolerance(largest_logit: float) -> float:
     """How far two bf16 forwards of one sequence may give apart log-probs: three steps of bf16 at the
     logits' magnitude (each log-prob rounds a logit and its log-sum-exp, and the packed and plain
@@ -376,6 +375,7 @@ def bf16_tolerance(largest_logit: float) -> float:
     return max(0.1, 3 * step)
 
 
+@torch.no_grad()
 def check_packed_forward(model, *, attention: str = "blocks", autocast: bool = False) -> None:
     """Start-up self-check: one small pack (a context, two thoughts, their targets) through the packed
     forward against plain forwards of the same sequences. A model whose attention ignores the pack's
@@ -395,7 +395,7 @@ def check_packed_forward(model, *, attention: str = "blocks", autocast: bool = F
         seq = r.prompt_ids + r.thought_ids + target
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = model(input_ids=torch.tensor([seq], device=device), use_cache=False).logits[0].float()
-        largest = max(largest, float(logits.detach().abs().max()))
+        largest = max(largest, float(logits.abs().max()))
         plain = torch.log_softmax(logits, -1)[torch.arange(len(seq) - 1), torch.tensor(seq[1:])]
         first = len(r.prompt_ids) - 1
         expect = torch.cat([plain[first : first + r.n_sampled], plain[-len(target):]])
