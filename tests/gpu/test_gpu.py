@@ -110,9 +110,9 @@ def test_deepspeed_bf16_engine_on_one_gpu_reduces_metrics_and_feeds_the_ema(tiny
                                            pytest.param("deepspeed", 3, marks=needs_deepspeed)])
 def test_two_gpus_match_one_gpu_on_the_same_global_batch(backend, zero, tiny_model_dir, tmp_path):
     """The CPU test's multi-rank check over NCCL (with gloo for CPU tensors in the same group)."""
-    from tests.integration.test_distributed import WORKER, torchrun
+    from tests.integration.test_distributed import PYTHONPATH, WORKER, torchrun
 
-    env = {"PYTHONPATH": str(ROOT)}
+    env = {"PYTHONPATH": PYTHONPATH}
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     subprocess.run([sys.executable, WORKER, "step", "--model", str(tiny_model_dir), "--out", str(one)],
                    env={**os.environ, **env}, check=True, cwd=ROOT)

@@ -19,11 +19,14 @@ from rollout.vllm_utils import vllm_available
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = str(Path(__file__).with_name("dist_worker.py"))
+# The repository first, then whatever PYTHONPATH held: on a bare GPU machine that is the kit's folder
+# (launch/gpu_check.sh), which the ranks need as much as the test does.
+PYTHONPATH = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 
 def torchrun(*args, nproc=2, timeout=600, **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
     if popen:
         return subprocess.Popen(cmd, env=env, cwd=ROOT, **popen)
     for _attempt in range(2):
@@ -43,7 +46,7 @@ LAUNCH_ERRORS = ("RendezvousConnectionError", "RendezvousTimeoutError", "Address
 @pytest.fixture(scope="module")
 def one_process_step(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("ref") / "ref.pt"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": PYTHONPATH}
     subprocess.run([sys.executable, WORKER, "step", "--model", str(tiny_model_dir), "--out", str(out)], env=env,
                    cwd=ROOT, check=True, capture_output=True)
     return torch.load(out)
