@@ -1,4 +1,4 @@
-"""The RNTP training loop: the seven steps of the README's "What one step does".
+"""The RNTP training loop: the seven steps of docs/method.md's "What one step does".
 
     positions -> sample G thoughts each -> score (old log-probs of the thought and log-probs of the
     true continuation, one fused forward) -> reward -> group advantages -> update (clipped loss on
@@ -71,25 +71,12 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
     runs in `engine.micro_pass`, told whether it is the step's last, so DDP all-reduces once a step.
     """
     g = cfg.grpo
-    device, world = engine.info.device, engine.info.world_size
-    horizon = len(targets[0])
-    n_sampled = torch.tensor([r.n_sampled for r in rollouts])
-    kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
-    seqs, tokens, target_tokens, plain_tokens = all_reduce_sum([float(keep.sum()), float(n_sampled[keep].sum()),
-                                                                float(keep.sum()) * horizon,
-                                                                float(len(kept_positions)) * horizon])
-    norm = grpo.LossNorm(g.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
-    # scoring's per-thought values, compacted to [thought, token] (first n_sampled columns)
-    width = max(1, int(n_sampled.max()))
-    old_logp = compact(scored.thought_logprobs, scored.batch.thought_mask, width)
-    behaviour = compact(scored.behaviour_logprobs, scored.batch.thought_mask, width) \
-        if scored.behaviour_logprobs is not None else None
+    inputs = UpdateInputs.of(engine, ref=ref, rollouts=rollouts, targets=targets, scored=scored,
+                             advantages=advantages, keep=keep, cfg=cfg)
     packs = build_packs(contexts, rollouts, targets, micro_batch=cfg.train.micro_batch, shared=cfg.train.shared_prefix,
-                        positions=kept_positions, no_think=g.no_think_nll_coef > 0)
+                        positions=inputs.kept_positions, no_think=g.no_think_nll_coef > 0)
     passes = engine.fixed_passes or len(packs)
     stand_in = build_packs(contexts, rollouts, targets, micro_batch=1, positions=[0])[0]
-    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16,
-                    attention=cfg.train.attention)
     stats = torch.zeros(7, dtype=torch.float64)  # policy loss, nll, kl, no-think nll, clipped, IS weights, corrected
     packed_tokens, read_tokens, attention_pairs, grad_norm = 0, 0, 0, float("nan")
     for _ in range(g.epochs):
@@ -98,59 +85,109 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
             with engine.micro_pass(last=m == passes - 1):
                 # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
                 rows, pack = packs[m] if m < len(packs) else stand_in
-                live = keep[rows] & (m < len(packs))
                 packed_tokens += pack.tokens  # what was computed, for FLOPs (rntp.gpu_check's MFU)
                 read_tokens += len(pack.labels)
                 attention_pairs += pack.layout().pairs()
-                out = packed_logprobs(engine.model, pack, **sampling)
-                logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
-                target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], horizon)
-                thought_mask = thought_mask & live[:, None].to(device)
-                mask = thought_mask.float()
-                old = logp.detach() if g.epochs == 1 else old_logp[rows].to(device)
-                tok_loss, clipped = grpo.clipped_surrogate(logp, old, advantages[rows].to(device), g.clip_low,
-                                                           g.clip_high)
-                if behaviour is not None:
-                    weight, corrected = grpo.importance_weights(old - behaviour[rows].to(device), thought_mask,
-                                                                g.mismatch_correction, g.is_cap, g.is_band)
-                    tok_loss = tok_loss * weight
-                    stats[5] += float(weight.sum())
-                    stats[6] += float(corrected.sum())
-                surrogate = grpo.aggregate(tok_loss, mask, norm)
-                stats[0] += surrogate.item()  # logged unweighted, as the other terms are
-                loss = g.pg_coef * surrogate  # grpo.pg_coef=0: the control, no policy gradient
-                if ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
-                    with torch.no_grad():
-                        ref_logp, _ = per_row(packed_logprobs(ref, pack, **sampling).logp,
-                                              [pack.thoughts[i] for i in rows], width)
-                    kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, norm)
-                    loss = loss + g.kl_coef * kl
-                    stats[2] += kl.item()
-                if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
-                    nll = -(target_logp * live[:, None].to(device)).sum() / max(target_tokens, 1)
-                    loss = loss + g.nll_coef * nll
-                    stats[1] += nll.item()
-                if g.no_think_nll_coef > 0:  # the same continuations without a thought, read on the trunk
-                    plain_logp, _ = per_row(out.logp, [pack.no_think[p] for p in sorted(pack.no_think)], horizon)
-                    plain_nll = -plain_logp.sum() * float(m < len(packs)) / max(plain_tokens, 1)
-                    loss = loss + g.no_think_nll_coef * plain_nll
-                    stats[3] += plain_nll.item()
-                engine.backward(loss * world)
-                stats[4] += float((clipped & thought_mask).sum())
+                loss, terms = pack_loss(engine.model, pack, rows, real=m < len(packs), inputs=inputs)
+                engine.backward(loss * engine.info.world_size)
+                stats += terms
         grad_norm = engine.step()
     policy_loss, nll, kl, plain_nll, clipped, weights, corrected = all_reduce_sum(
         (stats / torch.tensor([g.epochs] * 4 + [1.0] * 3)).tolist())
-    passed = max(tokens * g.epochs, 1)  # thought tokens over all passes
+    passed = max(inputs.tokens * g.epochs, 1)  # thought tokens over all passes
     out = {"loss/policy": policy_loss, "loss/nll": nll, "loss/clip_frac": clipped / passed,
            "optim/grad_norm": grad_norm, "update/packed_tokens": packed_tokens, "update/read_tokens": read_tokens,
            "update/attention_pairs": attention_pairs}
-    if behaviour is not None:
+    if inputs.behaviour is not None:
         out.update({"mismatch/is_weight_mean": weights / passed, "mismatch/corrected_frac": corrected / passed})
     if g.kl_coef > 0:
         out["loss/kl"] = kl
     if g.no_think_nll_coef > 0:
         out["loss/no_think_nll"] = plain_nll
     return out
+
+
+@dataclass(kw_only=True)
+class UpdateInputs:
+    """What every micro-pass of one update reads: scoring's values compacted to [thought, token] (the first
+    n_sampled columns), the advantages, and the global (all-rank) counts the losses are normalised by."""
+
+    cfg: Config
+    ref: torch.nn.Module | None
+    device: torch.device
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    old_logp: torch.Tensor
+    behaviour: torch.Tensor | None  # the sampler's log-probs: the mismatch correction's weights
+    kept_positions: list[int]
+    width: int  # the longest thought
+    horizon: int
+    norm: grpo.LossNorm
+    tokens: float  # kept thought tokens, all ranks
+    target_tokens: float
+    plain_tokens: float
+
+    @classmethod
+    def of(cls, engine: Engine, *, ref, rollouts, targets, scored: Scored, advantages, keep, cfg) -> "UpdateInputs":
+        horizon = len(targets[0])
+        n_sampled = torch.tensor([r.n_sampled for r in rollouts])
+        kept_positions = sorted({r.group for r, k in zip(rollouts, keep.tolist()) if k})
+        seqs, tokens, target_tokens, plain_tokens = all_reduce_sum([
+            float(keep.sum()), float(n_sampled[keep].sum()), float(keep.sum()) * horizon,
+            float(len(kept_positions)) * horizon])
+        width = max(1, int(n_sampled.max()))
+        norm = grpo.LossNorm(cfg.grpo.loss_aggregation, int(seqs), int(tokens), cfg.rollout.max_thought_tokens)
+        mask = scored.batch.thought_mask
+        behaviour = compact(scored.behaviour_logprobs, mask, width) if scored.behaviour_logprobs is not None else None
+        return cls(cfg=cfg, ref=ref, device=engine.info.device, advantages=advantages, keep=keep,
+                   old_logp=compact(scored.thought_logprobs, mask, width), behaviour=behaviour,
+                   kept_positions=kept_positions, width=width, horizon=horizon,
+                   norm=norm, tokens=tokens, target_tokens=target_tokens, plain_tokens=plain_tokens)
+
+
+def pack_loss(model, pack, rows: list[int], *, real: bool, inputs: UpdateInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-pass's loss on one pack (`real=False`: the stand-in pack, its loss masked) and its seven
+    logged terms: policy loss, nll, kl, no-think nll, clipped tokens, IS weights, corrected tokens."""
+    x, g, cfg = inputs, inputs.cfg.grpo, inputs.cfg
+    device, width = x.device, x.width
+    sampling = dict(temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, autocast=cfg.model.autocast_bf16,
+                    attention=cfg.train.attention)
+    terms = torch.zeros(7, dtype=torch.float64)
+    live = x.keep[rows] & real
+    out = packed_logprobs(model, pack, **sampling)
+    logp, thought_mask = per_row(out.logp, [pack.thoughts[i] for i in rows], width)
+    target_logp, _ = per_row(out.logp, [pack.targets[i] for i in rows], x.horizon)
+    thought_mask = thought_mask & live[:, None].to(device)
+    mask = thought_mask.float()
+    old = logp.detach() if g.epochs == 1 else x.old_logp[rows].to(device)
+    tok_loss, clipped = grpo.clipped_surrogate(logp, old, x.advantages[rows].to(device), g.clip_low, g.clip_high)
+    if x.behaviour is not None:
+        weight, corrected = grpo.importance_weights(old - x.behaviour[rows].to(device), thought_mask,
+                                                    g.mismatch_correction, g.is_cap, g.is_band)
+        tok_loss = tok_loss * weight
+        terms[5] += float(weight.sum())
+        terms[6] += float(corrected.sum())
+    surrogate = grpo.aggregate(tok_loss, mask, x.norm)
+    terms[0] += surrogate.item()  # logged unweighted, as the other terms are
+    loss = g.pg_coef * surrogate  # grpo.pg_coef=0: the control, no policy gradient
+    if x.ref is not None and g.kl_coef > 0:  # the reference under the same autocast as the policy
+        with torch.no_grad():
+            ref_logp, _ = per_row(packed_logprobs(x.ref, pack, **sampling).logp, [pack.thoughts[i] for i in rows],
+                                  width)
+        kl = grpo.aggregate(grpo.k3_kl(logp, ref_logp), mask, x.norm)
+        loss = loss + g.kl_coef * kl
+        terms[2] += kl.item()
+    if g.nll_coef > 0:  # optional next-token loss on the true continuation after the thought
+        nll = -(target_logp * live[:, None].to(device)).sum() / max(x.target_tokens, 1)
+        loss = loss + g.nll_coef * nll
+        terms[1] += nll.item()
+    if g.no_think_nll_coef > 0:  # the same continuations without a thought, read on the trunk
+        plain_logp, _ = per_row(out.logp, [pack.no_think[p] for p in sorted(pack.no_think)], x.horizon)
+        plain_nll = -plain_logp.sum() * float(real) / max(x.plain_tokens, 1)
+        loss = loss + g.no_think_nll_coef * plain_nll
+        terms[3] += plain_nll.item()
+    terms[4] += float((clipped & thought_mask).sum())
+    return loss, terms
 
 
 def compact(values: torch.Tensor, mask: torch.Tensor, width: int) -> torch.Tensor:
@@ -309,129 +346,188 @@ def start_run(cfg: Config) -> Run:
     any model loads), model (sharded as the backend wants), frozen copies, engine, evaluation set,
     resumed state and sampler. Nothing is written to the run folder yet (`open_logs`)."""
     info = init_distributed()
+    run_dir, resume_inside = check_run_dir(cfg, info)
+    positions_per_rank = check_config(cfg, info)
+    resume_dir = checkpoint_to_resume(cfg, info)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    # Tokenizer, tags and data first (each rank its own documents): bad data or lengths are one clear error
+    # before any model loads (the tags are added to the tokenizer in memory here; the tagged copy of the
+    # model is made below, `tagged_base`). Then the models, the engine, the evaluation set and the sampler.
+    tokenizer = load_tokenizer(str(resume_dir)) if resume_dir else run_tokenizer(cfg)
+    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
+    check_max_model_len(cfg, tags)
+    frozen = {}  # the entropy position filter reads the initial model once positions are drawn, after it loads
+    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
+                            entropy_fn=(lambda ids: position_entropies(frozen["initial"], ids))
+                            if needs_initial(cfg) else None)
+    check_data_and_model(cfg, info, stream, tags)
+    base_path = tagged_base(cfg, info)
+    lora.check_resume(resume_dir, cfg.model.lora.enabled)
+    # model.lora: a checkpoint holds the adapter alone, so the base always loads from base_path
+    model_path = base_path if cfg.model.lora.enabled else str(resume_dir or base_path)
+    # micro-passes per step: the update's own packing rule (`plan_packs`), so that no pack is left out
+    passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
+    policy, frozen["initial"], ema, sampler_model = load_models(cfg, info, base_path, model_path, resume_dir, passes)
+    engine = checked_engine(policy, cfg, info, passes)
+    evalset = eval_set(cfg, info, tokenizer, engine, policy, base_path, model_path) if cfg.eval.every else None
+    start_step, ahead = resume_state(cfg, info, resume_dir, engine, stream, ema) if resume_dir else (0, {})
+    sampler = run_sampler(cfg, tags, engine, sampler_model or policy, model_path)
+    initial = frozen["initial"]
+    run = Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
+              token_bytes=token_bytes_fn(tokenizer), stream=stream, engine=engine, sampler=sampler, initial=initial,
+              ema=ema, baseline_model={"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline],
+              evalset=evalset, positions_per_rank=positions_per_rank, start_step=start_step,
+              config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), resume_dir=resume_dir,
+              resume_inside=resume_inside, ahead=ahead)
+    run.queue = RolloutQueue(lag=cfg.rollout.max_staleness, last=cfg.train.steps,
+                             draw=lambda: run.stream.take(run.positions_per_rank),
+                             sample=lambda positions, step: sample(run, positions, step), stream_state=run.stream.state)
+    return run
+
+
+def check_run_dir(cfg: Config, info: DistInfo) -> tuple[Path, bool]:
+    """A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all); the
+    folder, and whether the checkpoint to resume lies in it."""
     run_dir = Path(cfg.run_dir)
-    # A folder holding a run is resumed or overwritten only when asked (rank 0 decides for all).
     resume_inside = resumes_inside(run_dir, cfg.resume)
     problem = broadcast_object(run_dir_problem(run_dir, resume_inside, cfg.overwrite) if info.is_main else None)
     if problem:
         raise ValueError(problem)
     run_dir.mkdir(parents=True, exist_ok=True)
-    for name in reward_names(cfg.reward):  # an unknown reward fails before any model loads
+    return run_dir, resume_inside
+
+
+def check_config(cfg: Config, info: DistInfo) -> int:
+    """An unknown reward, or positions that do not divide among the ranks, fail before any model loads;
+    the positions each rank takes per step."""
+    for name in reward_names(cfg.reward):
         get_reward(name)
     if cfg.train.positions_per_step % info.world_size:
         raise ValueError(f"train.positions_per_step={cfg.train.positions_per_step} must divide among "
                          f"{info.world_size} ranks")
-    positions_per_rank = cfg.train.positions_per_step // info.world_size
-    resume_dir = None
-    if cfg.resume:  # rank 0 verifies the checkpoint (reading it once, not once per rank) for every rank
-        found = None
-        if info.is_main:
-            try:
-                found = find_checkpoint(cfg.resume)
-            except (FileNotFoundError, ValueError) as e:
-                found = e
-        resume_dir = broadcast_object(found)
-        if isinstance(resume_dir, Exception):
-            raise resume_dir
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    torch.manual_seed(cfg.train.seed)
+    return cfg.train.positions_per_step // info.world_size
 
-    # Tokenizer, tags and data first (each rank its own documents): bad data or lengths are one
-    # clear error before any model loads (the tags are added to the tokenizer in memory here; the
-    # tagged copy of the model is made below). Then the model, frozen initial copy, EMA teacher.
-    tokenizer = load_tokenizer(str(resume_dir)) if resume_dir else run_tokenizer(cfg)
-    tags = ThinkTags(tokenizer, cfg.rollout.open_tag, cfg.rollout.close_tag)
-    check_max_model_len(cfg, tags)
-    # One frozen copy of the initial model serves the KL reference, the "initial" reward baseline
-    # and the entropy position filter (RPT's proxy model); it stays the initial model after a resume.
-    needs_initial = cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
-    initial = None  # loaded below; the entropy filter reads it only once positions are drawn
-    stream = PositionStream(cfg.data, tokenizer, rank=info.rank, world_size=info.world_size,
-                            entropy_fn=(lambda ids: position_entropies(initial, ids)) if needs_initial else None)
+
+def checkpoint_to_resume(cfg: Config, info: DistInfo) -> Path | None:
+    """`resume`'s checkpoint, verified by rank 0 (reading it once, not once per rank) for every rank."""
+    if not cfg.resume:
+        return None
+    found = None
+    if info.is_main:
+        try:
+            found = find_checkpoint(cfg.resume)
+        except (FileNotFoundError, ValueError) as e:
+            found = e
+    found = broadcast_object(found)
+    if isinstance(found, Exception):
+        raise found
+    return found
+
+
+def needs_initial(cfg: Config) -> bool:
+    """One frozen copy of the initial model serves the KL reference, the "initial" reward baseline and the
+    entropy position filter (RPT's proxy model); it stays the initial model after a resume."""
+    return cfg.grpo.kl_coef > 0 or cfg.reward.baseline == "initial" or cfg.data.position_policy == "entropy"
+
+
+def check_data_and_model(cfg: Config, info: DistInfo, stream: PositionStream, tags: ThinkTags) -> None:
+    """Every rank stops when one has no data; what the packed forward cannot compute for this model or
+    device is named before weights load."""
     problems = [p for p in all_gather_object(stream.problem()) if p]
-    if problems:  # every rank stops, not only the one without data
+    if problems:
         raise ValueError(problems[0])
-    # what the packed forward cannot compute for this model or device is named before weights load
     reason = attention.unsupported(AutoConfig.from_pretrained(resolve_model_path(cfg.model.name_or_path),
                                                               trust_remote_code=cfg.model.trust_remote_code),
                                    kind=cfg.train.attention, device_type=info.device.type,
                                    longest_sequence=max_sequence_len(cfg, tags) + cfg.data.horizon)
     if reason:
         raise ValueError(reason)
-    # rank 0 makes the tagged copy of the model where one is needed; the others then find it (or make
-    # their own, on a node that does not share RNTP_HOME)
+
+
+def tagged_base(cfg: Config, info: DistInfo) -> str:
+    """The base model with the think tags (`rntp.think_tokens.base_model_path`): rank 0 makes the tagged copy
+    where one is needed; the others then find it (or make their own, on a node that does not share RNTP_HOME)."""
     base_path = broadcast_object(base_model_path(cfg) if info.is_main else None)
     if not Path(base_path).exists() and not info.is_main:
         base_path = base_model_path(cfg)
-    # model.lora: a checkpoint holds the adapter alone, so the base always loads from base_path
+    return base_path
+
+
+def load_models(cfg: Config, info: DistInfo, base_path: str, model_path: str, resume_dir: Path | None,
+                passes: int) -> tuple:
+    """The policy (sharded as it loads under FSDP2 and ZeRO-3), the frozen initial model, the EMA teacher and
+    a whole copy for the transformers sampler where the weights are sharded (None where not needed). With
+    LoRA the frozen models share the policy's base (`rntp.lora`): the initial model is the base with the
+    adapter off, the EMA teacher an EMA of the adapter on that base."""
     lora_on = cfg.model.lora.enabled
-    lora.check_resume(resume_dir, lora_on)
-    model_path = base_path if lora_on else str(resume_dir or base_path)
-    # micro-passes per step: the update's own packing rule (`plan_packs`), so that no pack is left out
-    passes = packs_per_step(positions_per_rank, cfg.rollout.group_size, cfg.train.micro_batch)
-    policy = load_trainable(model_path, cfg, info, passes,  # sharded as it loads under FSDP2 and ZeRO-3
-                            adapter=str(resume_dir) if lora_on and resume_dir else None)
+    policy = load_trainable(model_path, cfg, info, passes, adapter=str(resume_dir) if lora_on and resume_dir else None)
     policy.train()
-    # with LoRA the frozen models share the policy's base (`rntp.lora`): the initial model is the base with the
-    # adapter off, the EMA teacher an EMA of the adapter on that base
     initial = (lora.BaseView(policy) if lora_on else load_policy(base_path, cfg, info.device).eval()
-               .requires_grad_(False)) if needs_initial else None
+               .requires_grad_(False)) if needs_initial(cfg) else None
     sharded = engine_class(cfg, info.world_size).shards_weights(cfg)
     ema = (lora.AdapterEMA(policy) if lora_on else make_ema(load_policy(model_path, cfg, info.device) if sharded
                                                              else policy)) if cfg.reward.baseline == "ema" else None
     # sharded weights cannot generate rank by rank: the transformers sampler gets a whole copy
     sampler_model = load_policy(model_path, cfg, info.device).eval() if cfg.rollout.sampler == "hf" and sharded \
         else None
+    return policy, initial, ema, sampler_model
 
-    # The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule.
+
+def checked_engine(policy, cfg: Config, info: DistInfo, passes: int) -> Engine:
+    """The training engine (plain, DDP, DeepSpeed ZeRO or FSDP2) with its optimizer and schedule, after one
+    small pack against plain forwards: a model the packed path gets wrong stops here."""
     engine = make_engine(policy, cfg, info, passes, cfg.train.steps)
-    engine.train(False)  # one small pack against plain forwards: a model the packed path gets wrong stops here
+    engine.train(False)
     check_packed_forward(engine.model, attention=cfg.train.attention, autocast=cfg.model.autocast_bf16)
     engine.train(True)
-    evalset = None
-    if cfg.eval.every:  # fixed held-out positions (the same on every rank); difficulty by the base model
-        difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
-        engine.train(False)
-        evalset = build_eval_set(cfg, tokenizer, (lora.BaseView(policy) if lora_on else engine.model)
-                                 if difficulty_path == model_path else load_policy(difficulty_path, cfg, info.device))
-        engine.train(True)
-    start_step, ahead = 0, {}
-    if resume_dir is not None:
-        state = load_trainer_state(resume_dir)
-        if len(state["ranks"]) != info.world_size:
-            raise ValueError(f"{resume_dir} was written by {len(state['ranks'])} ranks; resume it on as many")
-        engine.load(resume_dir, state)
-        stream.load_state(state["ranks"][info.rank]["data"])
-        set_rng_state(state["ranks"][info.rank]["rng"])
-        ahead = state["ranks"][info.rank].get("ahead") or {}
-        if ahead and state["ranks"][info.rank]["max_staleness"] != cfg.rollout.max_staleness:
-            raise ValueError(f"{resume_dir} holds batches sampled ahead with rollout.max_staleness="
-                             f"{state['ranks'][info.rank]['max_staleness']}; resume it with the same")
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        start_step = state["step"]
-        log.info("resumed from %s at step %d", resume_dir, start_step)
+    return engine
 
-    # The sampler: vLLM in-process where installed (one engine per rank or TP group), separately
-    # started vLLM servers, or transformers.
-    sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=sampler_model or policy,
-                           dtype=cfg.model.dtype, seed=cfg.train.seed, max_model_len=max_sequence_len(cfg, tags),
-                           vllm_cfg=cfg.rollout.vllm, server_cfg=cfg.rollout.server,
-                           lora_rank=cfg.model.lora.rank if lora_on else None)
-    # servers start from the model on their disk, not this run's weights; vLLM serves a LoRA run's adapter once pushed
+
+def eval_set(cfg: Config, info: DistInfo, tokenizer, engine: Engine, policy, base_path: str,
+             model_path: str) -> EvalSet:
+    """Fixed held-out positions (the same on every rank), difficulty by the base model (`eval.base_model`)."""
+    difficulty_path = resolve_model_path(cfg.eval.base_model) if cfg.eval.base_model else base_path
+    engine.train(False)
+    evalset = build_eval_set(cfg, tokenizer, (lora.BaseView(policy) if cfg.model.lora.enabled else engine.model)
+                             if difficulty_path == model_path else load_policy(difficulty_path, cfg, info.device))
+    engine.train(True)
+    return evalset
+
+
+def resume_state(cfg: Config, info: DistInfo, resume_dir: Path, engine: Engine, stream: PositionStream,
+                 ema) -> tuple[int, dict]:
+    """The checkpoint's trainer state into the engine, data stream, RNG and EMA teacher; its step and the
+    batches it had sampled ahead."""
+    state = load_trainer_state(resume_dir)
+    if len(state["ranks"]) != info.world_size:
+        raise ValueError(f"{resume_dir} was written by {len(state['ranks'])} ranks; resume it on as many")
+    mine = state["ranks"][info.rank]
+    engine.load(resume_dir, state)
+    stream.load_state(mine["data"])
+    set_rng_state(mine["rng"])
+    ahead = mine.get("ahead") or {}
+    if ahead and mine["max_staleness"] != cfg.rollout.max_staleness:
+        raise ValueError(f"{resume_dir} holds batches sampled ahead with rollout.max_staleness="
+                         f"{mine['max_staleness']}; resume it with the same")
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    log.info("resumed from %s at step %d", resume_dir, state["step"])
+    return state["step"], ahead
+
+
+def run_sampler(cfg: Config, tags: ThinkTags, engine: Engine, model, model_path: str):
+    """vLLM in-process where installed (one engine per rank or TP group), separately started vLLM servers,
+    or transformers (sampling from `model`). Servers start from the model on their disk, not this run's
+    weights, and vLLM serves a LoRA run's adapter once pushed: those get the weights now."""
+    lora_on = cfg.model.lora.enabled
+    sampler = make_sampler(cfg.rollout.sampler, model_path, tags, policy=model, dtype=cfg.model.dtype,
+                           seed=cfg.train.seed, max_model_len=max_sequence_len(cfg, tags), vllm_cfg=cfg.rollout.vllm,
+                           server_cfg=cfg.rollout.server, lora_rank=cfg.model.lora.rank if lora_on else None)
     if cfg.rollout.sampler == "server" or lora_on:
         sampler.push_weights(engine.weights(cfg.dist.weight_bucket_mb))
-    run = Run(cfg=cfg, info=info, run_dir=run_dir, tokenizer=tokenizer, tags=tags, pad_id=pad_id_of(tokenizer),
-               token_bytes=token_bytes_fn(tokenizer), stream=stream, engine=engine, sampler=sampler, initial=initial,
-               ema=ema, baseline_model={"policy": None, "initial": initial, "ema": ema}[cfg.reward.baseline],
-               evalset=evalset, positions_per_rank=positions_per_rank, start_step=start_step,
-               config_yaml=yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), resume_dir=resume_dir,
-               resume_inside=resume_inside, ahead=ahead)
-    run.queue = RolloutQueue(lag=cfg.rollout.max_staleness, last=cfg.train.steps,
-                             draw=lambda: run.stream.take(run.positions_per_rank),
-                             sample=lambda positions, step: sample(run, positions, step), stream_state=run.stream.state)
-    return run
+    return sampler
 
 
 def open_logs(run: Run) -> None:
@@ -537,7 +633,7 @@ def sync(run: Run, step: int, positions: list[Position], rollouts: list[Rollout]
 def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout], scored: Scored, rewards: torch.Tensor,
                 baseline: torch.Tensor, adv: grpo.Advantages, update: dict, lr: float, timer: PhaseTimer,
                 sync_diff: float | None) -> MetricsRow:
-    """7. This rank's metrics for the step (see the README's Metrics), each with its reduction
+    """7. This rank's metrics for the step (see docs/metrics.md), each with its reduction
     across ranks."""
     cfg, H = run.cfg, run.cfg.data.horizon
     group = torch.tensor([r.group for r in rollouts])
