@@ -69,7 +69,7 @@ lint: install
 bench: prepare
 	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server
 
-# On a GPU machine, every figure in one run (README "GPU check"): stages env, tests (tests/gpu), train (the RLP
+# On a GPU machine, every figure in one run (docs/gpu.md): stages env, tests (tests/gpu), train (the RLP
 # recipe's shapes on a random Qwen3-1.7B), attention (the long-shape paths), multi (several GPUs), each in its own
 # process and time limit; gpu-check/report.json and a log per stage, whatever fails. Nothing is downloaded. With
 # the venv `make install` made, its Python; on a bare machine launch/gpu_check.sh, which installs the kit first.

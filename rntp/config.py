@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 class Section(BaseModel):
     """A config section. Each field's docstring is its documentation: `config_table()` renders the
-    README's configuration table from them (a test keeps the two in step)."""
+    configuration table of docs/configuration.md from them (a test keeps the two in step)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
@@ -501,7 +501,7 @@ def check_max_model_len(cfg: Config, tags: ThinkTags) -> None:
 
 
 def config_table(model: type[BaseModel] = Config) -> str:
-    """The README's configuration table: one row per key, its default and its field docstring."""
+    """The configuration table of docs/configuration.md: one row per key, its default and its field docstring."""
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
 
     def show(value) -> str:
@@ -529,15 +529,15 @@ def config_table(model: type[BaseModel] = Config) -> str:
 
 
 TABLE_START, TABLE_END = "<!-- config-table:start -->", "<!-- config-table:end -->"
+CONFIG_DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
-def render_readme_table(readme: str) -> str:
-    """`readme` with the text between the config-table markers replaced by `config_table()`."""
-    head, rest = readme.split(TABLE_START, 1)
+def render_config_table(page: str) -> str:
+    """`page` with the text between the config-table markers replaced by `config_table()`."""
+    head, rest = page.split(TABLE_START, 1)
     _, tail = rest.split(TABLE_END, 1)
     return f"{head}{TABLE_START}\n{config_table()}{TABLE_END}{tail}"
 
 
-if __name__ == "__main__":  # python -m rntp.config: rewrite the README's configuration table
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    readme.write_text(render_readme_table(readme.read_text()))
+if __name__ == "__main__":  # python -m rntp.config: rewrite the configuration table in docs/configuration.md
+    CONFIG_DOC.write_text(render_config_table(CONFIG_DOC.read_text()))

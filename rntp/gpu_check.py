@@ -870,7 +870,7 @@ def render(report: dict) -> str:
 
 # ---- the kit of wheels -------------------------------------------------------------------------------------
 
-# What the GPU image has (README "GPU check"; /opt/torch/.venv), with the packages those need themselves.
+# What the GPU image has (docs/gpu.md; /opt/torch/.venv), with the packages those need themselves.
 IMAGE = {
     "torch", "triton", "filelock", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
     "fsspec", "setuptools", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface-hub",

@@ -9,7 +9,7 @@ terms are checked against a CPU peak in tests/unit/test_plan.py). Not counted: t
 own buffers, allocator fragmentation, parameter gradients before ZeRO takes them (the tied head's
 gradient lives through the whole backward), and other transient tensors of the backward pass.
 
-Notation (as in the README's scaling note): P = train.positions_per_step (global), G =
+Notation (as in docs/packed-forward.md's scaling note): P = train.positions_per_step (global), G =
 rollout.group_size, C = data.chunk_tokens (the worst-case context; a real context is at most
 C - H, so trunks are overestimated by H), T = rollout.max_thought_tokens, H = data.horizon,
 3 = the tag tokens of a branch `[open][thought][close][target]`, N = non-embedding parameters,

@@ -10,7 +10,7 @@ stands where a sentence ends. The open tag starts as the mean of its pieces' emb
 keeps most of what the pieces meant and is almost never sampled. The one cost: the new close token
 takes a share of the probability at every position, so the no-think NLL of the starting model is
 0.7% above the original's on the demo's held-out text (the base model of every comparison is the
-model with the tokens added; both figures are in the README).
+model with the tokens added; both figures are in docs/results.md).
 
 Models that already have the tags as tokens (Qwen3, DeepSeek-R1's `<think>`) are used unchanged,
 and `rollout.tag_tokens=text` keeps the tags as plain text. The prepared copy lives under

@@ -177,13 +177,12 @@ def test_helpers_where_they_moved():
         make_sampler("nope", "", None)
 
 
-def test_readme_layout_matches_the_tree():
-    """Every file the README's Layout names exists in its folder, and every module of the packages
-    it details is named there."""
+def test_layout_page_matches_the_tree():
+    """Every file docs/layout.md names exists in its folder, and every module of the packages it
+    details is named there."""
     import re
 
-    readme = (ROOT / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    layout = (ROOT / "docs" / "layout.md").read_text()
     for line in layout.splitlines():
         match = re.match(r"\| `([\w/]+)/` \| (.*) \|$", line)
         if not match:
@@ -191,10 +190,10 @@ def test_readme_layout_matches_the_tree():
         folder, text = ROOT / match.group(1), match.group(2)
         named = set(re.findall(r"`([\w]+\.py)`", text))
         for name in named:
-            assert (folder / name).is_file(), f"README Layout names {match.group(1)}/{name}, which does not exist"
+            assert (folder / name).is_file(), f"docs/layout.md names {match.group(1)}/{name}, which does not exist"
         if match.group(1) in ("rntp/engines", "rewards", "rollout"):
             present = {p.name for p in folder.glob("*.py")} - {"__init__.py"}
-            assert present <= named, f"{match.group(1)}: not in the README's Layout: {sorted(present - named)}"
+            assert present <= named, f"{match.group(1)}: not in docs/layout.md: {sorted(present - named)}"
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
