@@ -67,7 +67,7 @@ lint: install
 	$(BIN)/lint-imports --no-cache
 
 bench: prepare
-	$(BIN)/python -m rntp.bench --config configs/demo.yaml --server
+	$(BIN)/python -m rntp.tools.bench --config configs/demo.yaml --server
 
 # On a GPU machine, every figure in one run (docs/gpu.md): stages env, tests (tests/gpu), train (the RLP
 # recipe's shapes on a random Qwen3-1.7B), attention (the long-shape paths), multi (several GPUs), each in its own
@@ -75,12 +75,12 @@ bench: prepare
 # the venv `make install` made, its Python; on a bare machine launch/gpu_check.sh, which installs the kit first.
 KIT ?= .whl
 gpu-check:
-	$(if $(wildcard $(BIN)/python),$(BIN)/python -m rntp.gpu_check,KIT=$(KIT) bash launch/gpu_check.sh) $(GPU_CHECK_ARGS)
+	$(if $(wildcard $(BIN)/python),$(BIN)/python -m rntp.tools.gpu_check,KIT=$(KIT) bash launch/gpu_check.sh) $(GPU_CHECK_ARGS)
 
 # The wheels a bare GPU machine lacks (CPython 3.12, manylinux x86_64, the GPU lock's versions; deepspeed built
 # as a pure-Python wheel) into $(KIT), git-ignored, to carry beside the working tree (64 MiB in all); prints sizes.
 gpu-kit: install
-	$(BIN)/python -m rntp.gpu_check kit --out $(KIT)
+	$(BIN)/python -m rntp.tools.gpu_check kit --out $(KIT)
 
 clean:
 	rm -rf $(VENV) runs

@@ -2,7 +2,7 @@
 # The GPU check on a bare GPU machine (its image's Python with CUDA torch; no internet): installs the kit of
 # wheels that `make gpu-kit` put in .whl/ into a temporary folder (pip --no-index --no-deps --target; nothing
 # is downloaded), puts it and the repository first on PYTHONPATH, and runs every stage of `python -m
-# rntp.gpu_check` (arguments are passed on). The report: gpu-check/report.json, a log per stage beside it.
+# rntp.tools.gpu_check` (arguments are passed on). The report: gpu-check/report.json, a log per stage beside it.
 #   bash launch/gpu_check.sh [--stages env,tests,train,attention,multi] [--limit train=300] [...]
 # PYTHON overrides the interpreter (default: the image's /opt/torch/.venv/bin/python3, else python3); KIT the
 # wheel folder; DRY_RUN=1 prints the commands instead.
@@ -31,4 +31,4 @@ else
 fi
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export RNTP_KIT="$SITE" HF_HUB_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
-run "$PYTHON" -m rntp.gpu_check "$@"
+run "$PYTHON" -m rntp.tools.gpu_check "$@"

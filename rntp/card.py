@@ -91,7 +91,7 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 def checkpoint_config(ckpt: Path) -> dict | None:
     """The rntp config a checkpoint was trained with (its rntp_config.yaml, else its run's config.yaml)."""
-    from rntp.evaluate import run_config_of
+    from rntp.experiments.evaluate import run_config_of
 
     found = run_config_of(ckpt)
     return yaml.safe_load(found.read_text()) if found else None
@@ -117,7 +117,7 @@ def model_card(ckpt: Path, *, adapter: bool, merged: bool = False, base: str | N
     `merged` when it holds one merged into its base; `base` names the base model where the config does not."""
     from huggingface_hub import ModelCardData
 
-    from rntp.evaluate import held_out_report
+    from rntp.experiments.evaluate import held_out_report
 
     ckpt = Path(ckpt)
     cfg = checkpoint_config(ckpt) or {}

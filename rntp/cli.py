@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 train(cfg)
         elif args.command == "plan":
-            from rntp.plan import main as plan_main
+            from rntp.tools.plan import main as plan_main
 
             print(plan_main(args.config, args.overrides, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb,
                             model_shape=args.model_shape, as_json=args.json))
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(prepare_corpus(force=args.force))
         elif args.command == "eval":
-            from rntp.evaluate import eval_config, run_eval
+            from rntp.experiments.evaluate import eval_config, run_eval
 
             overrides = list(args.overrides) + ([f"eval.data={args.data}"] if args.data else [])
             cfg, source = eval_config(args.model, args.config, overrides)  # --config, else the run's own
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 console.say(f"evaluated {len(report['results'])} model(s) on {report['positions']} positions -> "
                             f"{out / 'eval.json'}, {out / 'eval.md'}, {out / 'eval.html'}")
         elif args.command == "lm-eval":
-            from rntp.downstream import run_lm_eval
-            from rntp.evaluate import eval_config
+            from rntp.experiments.downstream import run_lm_eval
+            from rntp.experiments.evaluate import eval_config
 
             cfg, source = eval_config(args.model, args.config, list(args.overrides))
             out = Path(args.out) if args.out else Path(args.model[0]) / "eval" if Path(args.model[0]).is_dir() \
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"folder {out} is complete: upload it with "
                                      f"`hf upload {args.push_to_hub} {out}`") from e
         elif args.command == "sweep":
-            from rntp.sweep import run_sweep
+            from rntp.experiments.sweep import run_sweep
 
             runs = run_sweep(args.file, dry_run=args.dry_run)
             failed = [r["name"] for r in runs if str(r["status"]).startswith("failed")]
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rntp sweep: failed runs: {', '.join(failed)} (see their train.log)", file=sys.stderr)
                 return 1
         elif args.command == "compare":
-            from rntp.compare import compare
+            from rntp.experiments.compare import compare
 
             print(compare(args.runs, Path(args.out), control=args.control, resamples=args.resamples, seed=args.seed))
         elif args.command == "serve":

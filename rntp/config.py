@@ -382,7 +382,7 @@ class TrainConfig(Section):
     """Score and update each context once for all its thoughts (and a chunk once for all its positions):
     shared-prefix packs. false computes the context once per thought (same results)."""
     attention: Literal["blocks", "flex", "dense"] = "blocks"
-    """Attention over packs (`rntp/attention.py`): `blocks` computes the trunk causally and each
+    """Attention over packs (`rntp/forward/attention.py`): `blocks` computes the trunk causally and each
     position's branches over the context they see, without a mask tensor (torch's flash kernels on
     GPUs; every device); `flex` uses FlexAttention with a BlockMask (CUDA only: it has no backward
     on CPU); `dense` is the [W, W]-mask reference, for tests and the benchmark."""

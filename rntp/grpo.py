@@ -12,7 +12,7 @@ Reduce = Callable[[list[float]], list[float]]  # sums a list of floats over rank
 
 
 # Bound on log-ratios that are exponentiated (e^20 ~ 5e8, far beyond any clip range; well inside
-# float32), so log-probs floored at rntp.packing.LOGP_FLOOR cannot overflow to inf or NaN.
+# float32), so log-probs floored at rntp.forward.packing.LOGP_FLOOR cannot overflow to inf or NaN.
 MAX_LOG_RATIO = 20.0
 
 

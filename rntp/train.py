@@ -27,7 +27,7 @@ from transformers import AutoConfig
 
 from rewards import RewardInputs, apply_reward_config, get_reward, reward_names
 from rewards.functions import token_bytes_fn
-from rntp import attention, console, grpo, lora, stopping
+from rntp import console, grpo, lora, stopping
 from rntp.card import write_card
 from rntp.checkpoint import find_checkpoint, load_trainer_state, rng_state, save_checkpoint, set_rng_state
 from rntp.config import Config, check_max_model_len, max_sequence_len
@@ -35,15 +35,16 @@ from rntp.data import Position, PositionStream
 from rntp.distributed import (DistInfo, all_gather_object, all_reduce_sum, barrier, broadcast_object,
                               init_distributed, shutdown_distributed)
 from rntp.engines import Engine, engine_class, make_engine
-from rntp.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
+from rntp.experiments.evaluate import EvalSet, build_eval_set, evaluate_policy, held_out_report
 from rntp.metrics import MetricsLogger, MetricsRow, PhaseTimer, peak_memory_gb, reduce_rows
 from rntp.models import load_policy, load_trainable
-from rntp.packing import build_packs, check_packed_forward, packed_logprobs, packs_per_step
+from rntp.forward import attention
+from rntp.forward.packing import build_packs, check_packed_forward, packed_logprobs, packs_per_step
 from rntp.prepare import resolve_model_path
 from rntp.think_tokens import base_model_path, load_tokenizer, run_tokenizer
 from rntp.rollout_queue import RolloutQueue
 from rntp.runfiles import clear_run, cut_jsonl, resumes_inside, run_dir_problem
-from rntp.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
+from rntp.forward.scoring import (Scored, no_think_logprobs, position_entropies, score_groups,
                           token_logprobs)
 from rollout import Rollout, Sampler, SamplingSpec, ThinkTags, make_sampler
 from rollout.spans import pad_id_of
@@ -56,7 +57,7 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
                   cfg: Config) -> dict:
     """`cfg.grpo.epochs` optimizer passes of the clipped surrogate over the kept thoughts.
 
-    Each micro-pass is one shared-prefix pack (`rntp.packing`): whole groups, each context computed
+    Each micro-pass is one shared-prefix pack (`rntp.forward.packing`): whole groups, each context computed
     once for all its thoughts, forward and backward (`train.shared_prefix=false`: once per thought).
     With one epoch the ratio's old log-probs are the update forward's own (detached), so the first
     ratio is exactly 1 whatever scoring's code path and precision gave; with several, scoring's
@@ -85,7 +86,7 @@ def update_policy(engine: Engine, *, ref: torch.nn.Module | None, contexts: list
             with engine.micro_pass(last=m == passes - 1):
                 # past this rank's packs, a pack with its loss masked keeps every rank's collectives in step
                 rows, pack = packs[m] if m < len(packs) else stand_in
-                packed_tokens += pack.tokens  # what was computed, for FLOPs (rntp.gpu_check's MFU)
+                packed_tokens += pack.tokens  # what was computed, for FLOPs (rntp.tools.gpu_check's MFU)
                 read_tokens += len(pack.labels)
                 attention_pairs += pack.layout().pairs()
                 loss, terms = pack_loss(engine.model, pack, rows, real=m < len(packs), inputs=inputs)
@@ -686,7 +687,7 @@ def metrics_row(run: Run, *, positions: list[Position], rollouts: list[Rollout],
 
 
 def held_out(run: Run, row: MetricsRow, step: int) -> None:
-    """The policy on the fixed held-out positions (`rntp.evaluate`), into `row` as eval/*; rank 0 appends
+    """The policy on the fixed held-out positions (`rntp.experiments.evaluate`), into `row` as eval/*; rank 0 appends
     the values at every position to eval_positions.jsonl (for `rntp compare`'s paired intervals)."""
     timer = PhaseTimer()
     run.queue.drain()  # one client at a time on the samplers

@@ -37,7 +37,7 @@ def tokenizer(request, tmp_path_factory):
     from transformers import AutoTokenizer
 
     if os.environ.get("RNTP_TOKENIZER") == "generated":
-        from rntp.gpu_check import generated_corpus, trained_tokenizer
+        from rntp.tools.gpu_check import generated_corpus, trained_tokenizer
 
         out = tmp_path_factory.mktemp("tokenizer")
         return trained_tokenizer(generated_corpus(out / "corpus.jsonl", docs=50), out)

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from rntp.attention import FLEX_MIN_HEAD_DIM, PackLayout, block_attention
+from rntp.forward.attention import FLEX_MIN_HEAD_DIM, PackLayout, block_attention
 from tests.integration.test_long_packs import gradients, long_batch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -45,7 +45,7 @@ def test_blocks_and_flex_equal_unshared_on_cuda(kind, dtype, tolerance, monkeypa
 def test_bf16_block_attention_gradients_are_finite_where_cudnn_gives_nan(trunk):
     """Every logit about -120 (every row's log-sum-exp below ln(FLT_MAX)), as in the cuDNN report: the
     blocks path's gradients are finite and close to a float32 computation of the same layout."""
-    from rntp.attention import Branch, row_layout
+    from rntp.forward.attention import Branch, row_layout
 
     branches = [Branch(trunk + 200 * i, 200, trunk) for i in range(3)]
     layout = PackLayout([row_layout(trunk + 600, trunk, branches)])

@@ -36,12 +36,12 @@ def fixed_global_batch(vocab: int):
 
 
 def step(args):
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp import grpo
     from rntp.distributed import init_distributed, shutdown_distributed
     from rntp.engines import make_engine
     from rntp.models import load_trainable
-    from rntp.packing import packs_per_step
+    from rntp.forward.packing import packs_per_step
     from rntp.train import update_policy
     from rollout import Rollout
 

@@ -40,7 +40,7 @@ def overrides(url, run_dir, lag, *extra):
 def test_each_batch_is_sampled_by_the_weights_after_step_t_minus_1_minus_k(lag, server, tiny_config, tmp_path,
                                                                             monkeypatch):
     import rntp.train
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp.train import train
 
     seen = {}

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.evaluate import build_eval_set, evaluate_policy, run_eval, token_byte_lengths
+from rntp.experiments.evaluate import build_eval_set, evaluate_policy, run_eval, token_byte_lengths
 from rntp.train import train
 from rollout import ThinkTags, make_sampler
 
@@ -113,7 +113,7 @@ def test_periodic_eval_during_training(tiny_config, tmp_path):
     assert m["info_gain_empty"] + m["info_gain_content"] == pytest.approx(m["info_gain"], abs=1e-9)
     assert (tmp_path / "run" / "heldout.md").read_text().count("\n| ") >= 3
     # every evaluation's values at each position, for rntp compare: their means are the logged metrics
-    from rntp.evaluate import PER_POSITION
+    from rntp.experiments.evaluate import PER_POSITION
 
     saved = [json.loads(line) for line in open(tmp_path / "run" / "eval_positions.jsonl")]
     assert [r["step"] for r in saved] == [0, 2, 3]
@@ -124,7 +124,7 @@ def test_periodic_eval_during_training(tiny_config, tmp_path):
             assert len(r["values"][name]) == 6
             mean = sum(r["values"][name]) / 6
             assert mean == pytest.approx(logged[r["step"]][f"eval/{name}"], rel=1e-6, abs=1e-9), name
-    from rntp.compare import compare
+    from rntp.experiments.compare import compare
 
     compare([str(tmp_path / "run")], tmp_path / "cmp", resamples=100)
     assert "| run | 1 | 6 | 3 |" in (tmp_path / "cmp" / "compare.md").read_text()  # one seed, 6 positions
@@ -169,7 +169,7 @@ def test_buckets_add_back_up_and_logprob_difficulty_is_the_true_tokens_nll(tiny_
     """Terciles of the base model's -log p(true next token): each bucket holds 2 of the 6 positions, the
     difficulty is an independent forward's NLL of the first target token, and every per-bucket metric,
     weighted by its positions, adds back up to the overall one (a float64 loop over the saved values)."""
-    from rntp.evaluate import BUCKETED, BUCKETS
+    from rntp.experiments.evaluate import BUCKETED, BUCKETS
 
     cfg = eval_config(tiny_config, "eval.bucket_by=logprob", "eval.buckets=terciles")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()

@@ -227,12 +227,12 @@ def test_a_damaged_checkpoint_is_detected_and_the_newest_intact_one_used(two_che
 
 
 def test_eval_of_a_run_folder_leaves_out_a_damaged_checkpoint(two_checkpoints, tmp_path, caplog):
-    from rntp.evaluate import discover
+    from rntp.experiments.evaluate import discover
 
     run = tmp_path / "run"
     shutil.copytree(two_checkpoints, run)
     truncate(run / "checkpoints" / "step_000001" / "trainer_state.pt")
-    with caplog.at_level(logging.WARNING, logger="rntp.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="rntp.experiments.evaluate"):
         labels = [m["label"] for m in discover([str(run)])]
     assert labels[1:] == ["step_000002"] and "skipping damaged checkpoint" in caplog.text
 

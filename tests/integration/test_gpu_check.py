@@ -12,7 +12,7 @@ pytestmark = pytest.mark.integration
 
 
 def test_stage_runner_records_every_stage_whatever_fails(tmp_path, monkeypatch, capsys):
-    from rntp.gpu_check import FAULT_ENV, main
+    from rntp.tools.gpu_check import FAULT_ENV, main
 
     monkeypatch.setenv(FAULT_ENV, "tests=raise,multi=hang")
     out = tmp_path / "gpu-check"
@@ -58,7 +58,7 @@ def test_stage_runner_records_every_stage_whatever_fails(tmp_path, monkeypatch, 
 
 
 def test_peak_by_exact_device_name():
-    from rntp.gpu_check import peak_tflops
+    from rntp.tools.gpu_check import peak_tflops
 
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4
     assert peak_tflops("NVIDIA H100 PCIe") == 756.0
@@ -69,7 +69,7 @@ def test_peak_by_exact_device_name():
 
 
 def test_kit_reads_the_gpu_lock_for_python_312():
-    from rntp.gpu_check import ROOT, locked_versions
+    from rntp.tools.gpu_check import ROOT, locked_versions
 
     versions = locked_versions(ROOT / "requirements" / "gpu.txt")
     assert versions["contourpy"] == "1.4.0"  # the pin for Python >= 3.12, not the 3.11 one
@@ -87,14 +87,14 @@ def test_executed_update_flops_match_torchs_count_of_the_matmuls(tiny_model_dir)
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rntp.bench import long_batch
+    from rntp.tools.bench import long_batch
     from rntp.config import load_config
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
-    from rntp.gpu_check import model_flops, update_flops
+    from rntp.tools.gpu_check import model_flops, update_flops
     from rntp.models import load_policy
-    from rntp.plan import forward_flops, shape_from_config
-    from rntp.scoring import score_groups
+    from rntp.tools.plan import forward_flops, shape_from_config
+    from rntp.forward.scoring import score_groups
     from rntp.train import update_policy
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "train.micro_batch=3",

@@ -109,7 +109,7 @@ def test_lm_eval_plain_and_thinking_match_independent_scores(tmp_path, tiny_mode
 
 def test_thinking_refuses_perplexity_tasks_and_unknown_tasks_are_named(tmp_path, tiny_model_dir, task_dir):
     from rntp.config import load_config
-    from rntp.downstream import run_lm_eval
+    from rntp.experiments.downstream import run_lm_eval
 
     cfg = load_config(None, [f"model.name_or_path={tiny_model_dir}", "rollout.tag_tokens=text",
                              "eval.max_thought_tokens=3"])

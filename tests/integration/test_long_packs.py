@@ -9,8 +9,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from rntp.attention import PackLayout, block_attention, flex_block_mask
-from rntp.packing import build_packs, packed_logprobs
+from rntp.forward.attention import PackLayout, block_attention, flex_block_mask
+from rntp.forward.packing import build_packs, packed_logprobs
 from rollout import Rollout
 from tests.integration.test_packing import exact_rope
 
@@ -159,7 +159,7 @@ def test_pairs_count_what_a_causal_branch_may_see():
 def test_flex_block_mask_skips_the_tiles_nothing_attends():
     """The BlockMask of a long pack (C=1024, 8 branches of 512) keeps about the block-causal share of
     its 128 x 128 tiles, not all of them."""
-    from rntp.attention import Branch, row_layout
+    from rntp.forward.attention import Branch, row_layout
 
     trunk, branch, n = 1024, 512, 8
     layout = PackLayout([row_layout(trunk + n * branch, trunk,

@@ -14,7 +14,7 @@ from rntp import lora
 from rntp.checkpoint import load_trainer_state
 from rntp.cli import main
 from rntp.config import LoRAConfig, load_config
-from rntp.packing import build_packs, check_packed_forward, packed_logprobs
+from rntp.forward.packing import build_packs, check_packed_forward, packed_logprobs
 from rntp.publish import export
 from rntp.train import follow, train
 from rollout.vllm_utils import vllm_available
@@ -230,7 +230,7 @@ def test_policy_learns_with_lora(tiny_config, learnable_by_lora_dir, tmp_path):
 def test_a_merged_export_scores_as_the_adapter_on_its_base(tiny_config, tiny_model_dir, tmp_path):
     from peft import PeftModel
 
-    from rntp.evaluate import run_eval
+    from rntp.experiments.evaluate import run_eval
 
     ckpt = train(tiny_config(*LORA, "train.steps=1", "optim.lr=5e-2"))
     out = tmp_path / "merged"
@@ -355,7 +355,7 @@ def lora_trainer(tiny_model_dir):
 
 
 def trainer_logprobs(engine, seqs):
-    from rntp.scoring import token_logprobs
+    from rntp.forward.scoring import token_logprobs
 
     engine.train(False)
     with torch.no_grad():
@@ -366,7 +366,7 @@ def trainer_logprobs(engine, seqs):
 
 
 def one_step(engine, seq):
-    from rntp.scoring import token_logprobs
+    from rntp.forward.scoring import token_logprobs
 
     ids = torch.tensor([seq])
     engine.backward(-token_logprobs(engine.model, ids, torch.ones_like(ids)).sum())
@@ -380,7 +380,7 @@ def test_vllm_serves_the_pushed_adapter_like_the_trainer(lora_engine, tiny_model
     trainer's sampling log-probs of the same tokens."""
     import time
 
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rollout import SamplingSpec
 
     engine = lora_trainer(tiny_model_dir)

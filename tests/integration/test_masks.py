@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.scoring import build_batch, token_logprobs
+from rntp.forward.scoring import build_batch, token_logprobs
 from rntp import grpo
 from rollout import Rollout
 

@@ -7,8 +7,8 @@ import torch
 from transformers import (CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, GraniteConfig,
                           GraniteForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
-from rntp.attention import unsupported
-from rntp.packing import build_packs, check_packed_forward, packed_logprobs
+from rntp.forward.attention import unsupported
+from rntp.forward.packing import build_packs, check_packed_forward, packed_logprobs
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.packing import build_packs, packed_logprobs
+from rntp.forward.packing import build_packs, packed_logprobs
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration
@@ -182,7 +182,7 @@ def test_the_loops_pass_count_covers_every_pack():
     """Engines that fix the micro-passes per step (several ranks, DeepSpeed) run `packs_per_step`
     passes; a pack beyond them would be left out of the update. (The count once assumed thoughts fill
     micro-batches exactly: with G=4 and micro-batch 6, 3 positions made 3 packs but 2 passes.)"""
-    from rntp.packing import packs_per_step
+    from rntp.forward.packing import packs_per_step
 
     for positions in range(1, 7):
         for group in range(1, 6):

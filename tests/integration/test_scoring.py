@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.scoring import next_token_entropy, score_groups
+from rntp.forward.scoring import next_token_entropy, score_groups
 from rollout import Rollout
 
 pytestmark = pytest.mark.integration
@@ -93,7 +93,7 @@ def nucleus_logprob(logits_row, token, temperature, top_p):
 def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, model):
     """Scoring (old log-probs) and the update's forward (new log-probs) give thought tokens the
     log-probs of the distribution sampled from, the same in both, and target tokens the model's own."""
-    from rntp.packing import LOGP_FLOOR, build_packs, packed_logprobs
+    from rntp.forward.packing import LOGP_FLOOR, build_packs, packed_logprobs
 
     contexts, rollouts, targets = make_groups()
     scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=16, temperature=temperature,
@@ -121,7 +121,7 @@ def test_thought_logprobs_follow_the_sampling_distribution(temperature, top_p, m
 
 def test_a_baseline_model_no_think_scores_equal_scorings(model):
     """`no_think_logprobs` (initial model, EMA teacher) and `score_groups` read the same packs."""
-    from rntp.scoring import no_think_logprobs
+    from rntp.forward.scoring import no_think_logprobs
 
     contexts, rollouts, targets = make_groups()
     scored = score_groups(model, contexts, rollouts, targets, pad_id=0, micro_batch=4)

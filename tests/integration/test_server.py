@@ -15,7 +15,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.scoring import token_logprobs
+from rntp.forward.scoring import token_logprobs
 from rntp.config import load_config
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.base import WeightStream

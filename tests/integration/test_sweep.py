@@ -8,7 +8,7 @@ import yaml
 
 from rntp.cli import main
 from rntp.config import ConfigError
-from rntp.sweep import expand, load_sweep, plan, run_sweep
+from rntp.experiments.sweep import expand, load_sweep, plan, run_sweep
 
 pytestmark = pytest.mark.integration
 
@@ -80,7 +80,7 @@ def test_slurm_array_path_through_submitit_local_cluster(tmp_path, base_config):
     """The job-array submission, exercised with submitit's local cluster (no SLURM here)."""
     path = write_sweep(tmp_path, base_config, grid={"reward.name": ["target_logprob"]}, overrides=["train.steps=1"],
                        executor="slurm", slurm={"cluster": "local", "partition": "gpu", "timeout_min": 10})
-    from rntp.sweep import submit_slurm
+    from rntp.experiments.sweep import submit_slurm
 
     sweep = load_sweep(path)
     jobs = submit_slurm(sweep, plan(sweep))

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rntp.config import load_config
 from rntp.data import PositionStream
-from rntp.evaluate import run_eval
+from rntp.experiments.evaluate import run_eval
 from rntp.prepare import default_corpus_dir
 from rntp.think_tokens import add_tag_tokens, base_model_path, model_with_tags, run_tokenizer
 from rntp.train import train

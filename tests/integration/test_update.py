@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration
 def test_kl_reference_runs_under_the_policy_autocast(tiny_model_dir):
     """With the reference equal to the policy, the KL of the first pass is 0 only if both forwards
     run at the same precision (the reference once ran in fp32 beside a bf16-autocast policy)."""
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp import grpo
     from rntp.config import load_config
     from rntp.distributed import DistInfo
@@ -55,7 +55,7 @@ def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
     """Scoring (cached context, eval) and the update (full sequences) differ by bf16 noise; with one
     epoch the ratio takes its old log-probs from the update's own forward, so nothing is clipped even
     with a clip range far below that noise. Two epochs anchor to scoring and do clip."""
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     contexts, rollouts, targets, rewards = fixed_global_batch(policy.config.vocab_size)
@@ -70,7 +70,7 @@ def test_one_epoch_ratio_is_exactly_one_in_bf16(tiny_model_dir):
 def test_a_mismatched_sampler_shows_in_the_metrics_and_gets_weighted(tiny_model_dir, tokenizer):
     """Sampling at temperature 0.7 while the trainer believes 1.0: the mismatch metrics rise, and the
     update's importance weights are min(exp(trainer - sampler), C), computed here independently."""
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp import grpo
     from rollout import SamplingSpec, ThinkTags, make_sampler
 
@@ -108,7 +108,7 @@ def test_shared_update_gradients_equal_the_unshared_update(aggregation, micro_ba
     """The whole update (clipped surrogate, IS weights, NLL term, micro-packs of whole groups: one
     position each, or four, three of them of one chunk) with each context computed once equals the
     update computing it once per thought (float64)."""
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp import grpo
     from rntp.config import load_config
     from rntp.distributed import DistInfo
@@ -152,7 +152,7 @@ def update_gradients(model_dir, overrides: list[str], advantages, keep):
     from rntp.config import load_config
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp.train import update_policy
     from tests.integration.test_packing import chunk_positions, load64
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from rntp.scoring import token_logprobs
+from rntp.forward.scoring import token_logprobs
 from rollout import SamplingSpec, ThinkTags, make_sampler
 from rollout.base import WeightStream
 from rollout.vllm_utils import vllm_available
@@ -117,7 +117,7 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rollout.vllm_utils import thought_request
     from rollout.spans import pad_id_of
 
@@ -153,7 +153,7 @@ def test_trainer_thought_logprobs_are_those_vllm_sampled_from(temperature, top_p
 def test_samplers_report_the_logprobs_they_sampled_from(which, request, tiny_model_dir, tokenizer):
     """Behaviour log-probs come with each sample (not a second pass) and, with the trainer's weights
     in fp32, equal the trainer's log-probs under the same temperature and top-p (within 1e-4)."""
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rollout.spans import pad_id_of
 
     sampler = request.getfixturevalue(which)

@@ -28,7 +28,8 @@ def test_equal_thresholds_are_allowed_and_leave_no_medium_bucket():
 
 # ---- thresholds and buckets --------------------------------------------------------------------------
 
-from rntp.evaluate import BUCKETED, BUCKETS, assign_buckets, bucket_means, bucket_thresholds, held_out_report  # noqa: E402
+from rntp.experiments.evaluate import (BUCKETED, BUCKETS, assign_buckets, bucket_means,  # noqa: E402
+                                      bucket_thresholds, held_out_report)
 
 
 def test_fixed_thresholds_and_terciles_worked_numbers():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import yaml
 
-from rntp.compare import (bootstrap_difference, bootstrap_mean, compare, design_name, group_designs, load_run,
-                          resample_counts)
+from rntp.experiments.compare import (bootstrap_difference, bootstrap_mean, compare, design_name, group_designs,
+                                      load_run, resample_counts)
 from rntp.config import load_config
 
 pytestmark = pytest.mark.unit

@@ -54,7 +54,7 @@ def test_every_shipped_config_validates(path):
 def test_every_shipped_sweep_validates():
     from pathlib import Path
 
-    from rntp.sweep import plan, load_sweep
+    from rntp.experiments.sweep import plan, load_sweep
 
     for path in Path("configs/sweeps").glob("*.yaml"):
         assert plan(load_sweep(path))  # every run's config and reward names resolve
@@ -145,7 +145,7 @@ def test_yaml_syntax_error_in_an_override_names_the_override():
 
 
 def test_yaml_syntax_error_in_a_sweep_file_is_a_config_error(tmp_path):
-    from rntp.sweep import load_sweep
+    from rntp.experiments.sweep import load_sweep
 
     f = tmp_path / "sweep.yaml"
     f.write_text("name: x\ngrid: {reward.name: [a, b}\n")

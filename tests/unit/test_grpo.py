@@ -327,7 +327,7 @@ def test_clipped_surrogate_matches_a_float64_loop_on_ordinary_ratios():
 def test_clipped_surrogate_is_finite_with_floored_logprobs(dtype):
     """Log-probs floored at LOGP_FLOOR (a token outside the top-p nucleus) on either side of the ratio:
     with grpo.epochs > 1 a token can re-enter the nucleus (old floored, ratio e^9998) or leave it."""
-    from rntp.packing import LOGP_FLOOR
+    from rntp.forward.packing import LOGP_FLOOR
 
     f = LOGP_FLOOR
     old = torch.tensor([[f, -2.0, -1.0], [f, -2.0, -1.0], [f, -2.0, -1.0]], dtype=dtype)
@@ -349,7 +349,7 @@ def test_clipped_surrogate_is_finite_with_floored_logprobs(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_k3_kl_is_finite_with_floored_logprobs(dtype):
-    from rntp.packing import LOGP_FLOOR
+    from rntp.forward.packing import LOGP_FLOOR
 
     # policy floored (reference not): delta = 9998 would give exp -> inf; reference floored: delta = -9998
     p = torch.tensor([LOGP_FLOOR, -2.0, -1.0], dtype=dtype, requires_grad=True)

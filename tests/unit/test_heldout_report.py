@@ -1,8 +1,8 @@
-"""The before/after table and held-out curve a run ends with (`rntp.evaluate.held_out_report`)."""
+"""The before/after table and held-out curve a run ends with (`rntp.experiments.evaluate.held_out_report`)."""
 
 import pytest
 
-from rntp.evaluate import held_out_report
+from rntp.experiments.evaluate import held_out_report
 
 pytestmark = pytest.mark.unit
 

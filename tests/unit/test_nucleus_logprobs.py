@@ -1,4 +1,4 @@
-"""Nucleus (top-p) log-probs of `rntp.packing.sampling_logprobs` stay finite under TRL's fused
+"""Nucleus (top-p) log-probs of `rntp.forward.packing.sampling_logprobs` stay finite under TRL's fused
 log-softmax kernel, which `trl.trainer.utils.selective_log_softmax` dispatches to on CUDA/XPU.
 
 There is no GPU here, so the kernel's forward (trl/kernels/logprob_entropy.py, `_forward_kernel`) is
@@ -11,8 +11,8 @@ import pytest
 import torch
 from trl.trainer.utils import selective_log_softmax
 
-import rntp.packing as packing
-from rntp.packing import LOGP_FLOOR, sampling_logprobs
+import rntp.forward.packing as packing
+from rntp.forward.packing import LOGP_FLOOR, sampling_logprobs
 
 pytestmark = pytest.mark.unit
 BLOCK = 1024  # trl.kernels.logprob_entropy._BLOCK_SIZE

@@ -1,4 +1,4 @@
-"""`rntp plan` (rntp/plan.py): every formula against numbers worked by hand here, attention pairs
+"""`rntp plan` (rntp/tools/plan.py): every formula against numbers worked by hand here, attention pairs
 against a brute-force count over a boolean mask, FITS / DOES NOT FIT, the CLI's one-line errors,
 and the RLP recipe (configs/rlp-qwen3-1.7b*.yaml)."""
 
@@ -9,13 +9,13 @@ import json
 import pytest
 
 from rntp.config import load_config
-from rntp.plan import (Shape, activation_bytes, builtin_shapes, layer_activation_bytes, logits_chunk_bytes,
+from rntp.tools.plan import (Shape, activation_bytes, builtin_shapes, layer_activation_bytes, logits_chunk_bytes,
                        logits_chunk_tokens, memory_per_gpu, pack_shape, position_pairs, resolve_shape, row_pairs,
                        state_bytes_per_param, step_flops, zero_buckets)
 
 pytestmark = pytest.mark.unit
 
-Q05 = builtin_shapes()["qwen2.5-0.5b"]  # rntp.gpu_check's Qwen2.5-0.5B numbers
+Q05 = builtin_shapes()["qwen2.5-0.5b"]  # rntp.tools.gpu_check's Qwen2.5-0.5B numbers
 # A small config: P=2 positions, G=4, C=10, T=3, H=2 (branches of 3 + 3 + 2 = 8 tokens).
 SMALL = ["train.positions_per_step=2", "rollout.group_size=4", "data.chunk_tokens=10", "data.min_context=2",
          "rollout.max_thought_tokens=3", "data.horizon=2", "train.micro_batch=4"]
@@ -84,7 +84,7 @@ def brute_force_pairs(trunk: int, limit: int, branch: int, branches: int) -> int
 
 @pytest.mark.parametrize("C,H,T,branches", [(10, 2, 3, 4), (7, 1, 5, 3), (16, 4, 0, 2), (5, 3, 2, 1)])
 def test_pairs_equal_a_brute_force_mask_and_pack_layout(C, H, T, branches):
-    from rntp.attention import Branch, PackLayout, RowLayout
+    from rntp.forward.attention import Branch, PackLayout, RowLayout
 
     b = 3 + T + H
     expected = brute_force_pairs(C + H, C, b, branches)
@@ -97,7 +97,7 @@ def test_pairs_equal_a_brute_force_mask_and_pack_layout(C, H, T, branches):
 
 def test_pairs_of_real_packs_with_split_groups():
     """The formula with trunk copies equals the pairs of the packs `build_packs` makes."""
-    from rntp.packing import build_packs
+    from rntp.forward.packing import build_packs
     from rollout.spans import Rollout
 
     C, H, T, G = 10, 2, 3, 4
@@ -380,7 +380,7 @@ def test_activation_estimate_against_a_measured_cpu_peak(checkpointing, vocab, t
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from rntp.packing import build_packs, packed_logprobs
+    from rntp.forward.packing import build_packs, packed_logprobs
     from rollout.spans import Rollout
 
     if not sys.platform.startswith("linux"):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from rntp.scoring import build_batch
+from rntp.forward.scoring import build_batch
 from rollout import Rollout, ThinkTags
 
 pytestmark = pytest.mark.unit

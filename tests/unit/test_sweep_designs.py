@@ -11,9 +11,9 @@ import yaml
 
 from rewards import RewardInputs, apply_reward_config
 from rntp import grpo
-from rntp.compare import design_settings
+from rntp.experiments.compare import design_settings
 from rntp.config import ConfigError, load_config
-from rntp.sweep import (equivalence_warnings, load_sweep, plan, run_local, slurm_task, submit_slurm,
+from rntp.experiments.sweep import (equivalence_warnings, load_sweep, plan, run_local, slurm_task, submit_slurm,
                         training_signature)
 
 pytestmark = pytest.mark.unit
@@ -131,7 +131,7 @@ def test_the_warning_names_each_pair_of_designs_that_train_identically(tmp_path,
     lines = equivalence_warnings(plan(load_sweep(write_sweep(tmp_path, runs, scale="none"))))
     assert any("logprob and mean differ only by a constant factor" in line for line in lines)
     assert any("mean and gain-ema train identically" in line for line in lines)
-    from rntp.sweep import run_sweep
+    from rntp.experiments.sweep import run_sweep
 
     run_sweep(write_sweep(tmp_path, runs), dry_run=True)  # printed before anything runs
     assert "warning: designs logprob and mean train identically" in capsys.readouterr().out
@@ -171,7 +171,7 @@ def launches(monkeypatch):
         events.append(("start", name))
         return FakeProcess(events, name, polls=2)
 
-    monkeypatch.setattr("rntp.sweep._launch", fake_launch)
+    monkeypatch.setattr("rntp.experiments.sweep._launch", fake_launch)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     return events, started
 

@@ -13,7 +13,7 @@ Notation (as in docs/packed-forward.md's scaling note): P = train.positions_per_
 rollout.group_size, C = data.chunk_tokens (the worst-case context; a real context is at most
 C - H, so trunks are overestimated by H), T = rollout.max_thought_tokens, H = data.horizon,
 3 = the tag tokens of a branch `[open][thought][close][target]`, N = non-embedding parameters,
-L layers. The formulas are small pure functions so `rntp.bench` and `rntp.gpu_check` can import them.
+L layers. The formulas are small pure functions so `rntp.tools.bench` and `rntp.tools.gpu_check` can import them.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def _qwen2(hidden_size, intermediate_size, num_hidden_layers, num_attention_head
 
 
 def builtin_shapes() -> dict[str, Shape]:
-    """Shapes `--model-shape` can name. Qwen2.5 (and `tiny`) are rntp.gpu_check's, from their
+    """Shapes `--model-shape` can name. Qwen2.5 (and `tiny`) are rntp.tools.gpu_check's, from their
     config.json. Qwen3, from the published config.json of each model:
     - Qwen3-1.7B(-Base): hidden_size 2048, num_hidden_layers 28, num_attention_heads 16,
       num_key_value_heads 8, head_dim 128, intermediate_size 6144, vocab_size 151936,
@@ -172,7 +172,7 @@ def resolve_shape(name_or_path: str, shape: str | None = None) -> tuple[Shape, s
 
 
 def pack_shape(C: int, H: int, T: int, G: int, micro_batch: int) -> dict:
-    """One micro-pass's pack (`rntp.packing.plan_packs`): at most `micro_batch` thoughts, whole groups
+    """One micro-pass's pack (`rntp.forward.packing.plan_packs`): at most `micro_batch` thoughts, whole groups
     while they fit (k = micro_batch // G groups, each its own trunk), else a group split over
     ceil(G / micro_batch) packs, each holding its context again. A trunk is C + H tokens, a branch
     3 + T + H. W = trunks x (C + H) + branches x (3 + T + H)."""

@@ -151,7 +151,7 @@ def think_settings(cfg: Config) -> dict:
 
 def models_to_run(paths: list[str]) -> list[dict]:
     """A run folder gives its base model and its last checkpoint; any other path is evaluated as given."""
-    from rntp.evaluate import discover
+    from rntp.experiments.evaluate import discover
 
     out = []
     for path in paths:

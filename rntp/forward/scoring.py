@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from rntp.packing import build_packs, packed_logprobs
+from rntp.forward.packing import build_packs, packed_logprobs
 from rollout.spans import Rollout, left_pad
 
 
@@ -115,7 +115,7 @@ def score_groups(model, contexts: list[list[int]], rollouts: list[Rollout], targ
                  shared: bool = True, attention: str = "blocks") -> Scored:
     """Fused scoring of all thoughts: per position, the no-think target log-probs; per thought, the
     old log-probs of its tokens and the log-probs of the target after it (the reward), all from
-    one forward of shared-prefix packs (`rntp.packing`): each chunk's tokens once, every thought
+    one forward of shared-prefix packs (`rntp.forward.packing`): each chunk's tokens once, every thought
     branch attending to its context. At most `micro_batch` thoughts go into a pack (`plan_packs`).
     `rollouts[i].group` indexes `contexts` and `targets`. Thought log-probs (and their entropy) are
     those of the sampling distribution (`temperature`, `top_p`); target log-probs are the model's.

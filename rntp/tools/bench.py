@@ -139,7 +139,7 @@ def synthetic_batch(vocab: int, chunk: int, group: int, thought: int, horizon: i
     does not depend on what the thoughts say)."""
     import torch
 
-    from rntp.scoring import build_batch
+    from rntp.forward.scoring import build_batch
     from rollout import Rollout
 
     gen = torch.Generator().manual_seed(0)
@@ -183,12 +183,12 @@ def long_thoughts(cfg: Config) -> None:
     import sys
 
     if os.environ.get("MALLOC_MMAP_THRESHOLD_") != "65536":
-        code = (f"from rntp.bench import long_thoughts; from rntp.config import load_config; "
+        code = (f"from rntp.tools.bench import long_thoughts; from rntp.config import load_config; "
                 f"long_thoughts(load_config(None, ['model.name_or_path={cfg.model.name_or_path}']))")
         subprocess.run([sys.executable, "-c", code], env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
                        check=True)
         return
-    from rntp.packing import build_packs
+    from rntp.forward.packing import build_packs
 
     policy = narrow_qwen3()
     layers, heads, head_dim = policy.config.num_hidden_layers, 4, 64
@@ -243,7 +243,7 @@ def long_batch(context: int, thought: int, group: int, horizon: int, vocab: int)
 
 
 def score_once(policy, batch: dict, shared: bool, micro_batch: int, attention: str) -> None:
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
 
     score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
                  micro_batch=micro_batch, shared=shared, attention=attention)
@@ -258,7 +258,7 @@ def attention_flops(policy, batch: dict, shared: bool, micro_batch: int, attenti
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rntp.packing import build_packs, packed_logprobs
+    from rntp.forward.packing import build_packs, packed_logprobs
 
     packs = build_packs(batch["contexts"], batch["rollouts"], batch["targets"], micro_batch=micro_batch,
                         shared=shared, no_think=True)
@@ -283,7 +283,7 @@ def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int,
     from rntp.config import load_config
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
-    from rntp.scoring import score_groups
+    from rntp.forward.scoring import score_groups
     from rntp.train import update_policy
 
     run = load_config(None, [f"model.name_or_path={cfg.model.name_or_path}", f"train.micro_batch={micro_batch}",
@@ -493,8 +493,8 @@ def lora_cost(cfg: Config, repeats: int) -> None:
     from rntp.distributed import DistInfo
     from rntp.engines import make_engine
     from rntp.models import load_trainable
-    from rntp.packing import packs_per_step
-    from rntp.scoring import score_groups
+    from rntp.forward.packing import packs_per_step
+    from rntp.forward.scoring import score_groups
     from rntp.think_tokens import base_model_path
     from rntp.train import update_policy
     from rollout import SamplingSpec, ThinkTags, make_sampler

@@ -1,6 +1,6 @@
 """Attention over shared-prefix packs whose work and memory follow the pack's structure.
 
-A packed row (`rntp.packing`) is a trunk (a chunk's tokens, causal) followed by branches
+A packed row (`rntp.forward.packing`) is a trunk (a chunk's tokens, causal) followed by branches
 `[open][thought][close][target]`; a branch attends to the trunk before its position and to itself,
 causally, and to nothing else. Three ways to compute that, chosen by `train.attention`:
 

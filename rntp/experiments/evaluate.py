@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from rntp import console
-from rntp.scoring import next_token_difficulty, score_groups
+from rntp.forward.scoring import next_token_difficulty, score_groups
 from rewards.functions import token_bytes_fn
 from rntp.config import Config
 from rntp.data import Position, PositionStream
