@@ -272,10 +272,11 @@ def attention_flops(policy, batch: dict, shared: bool, micro_batch: int, attenti
     return sum(f for op, f in counter.get_flop_counts()["Global"].items() if "bmm" in str(op))
 
 
-def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int,
-                attention: str = "blocks") -> tuple[float, float, int]:
+def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int, attention: str = "blocks",
+                autocast: bool = False) -> tuple[float, float, int]:
     """One optimizer step of the update on `batch`: seconds, peak memory above the start (GB), and
-    tokens forwarded. The weights are restored afterwards, so every call sees the same model."""
+    tokens forwarded. The weights are restored afterwards, so every call sees the same model. `cfg`
+    (None: the defaults) names the model; `autocast` runs it under bf16 autocast."""
     import copy
 
     import torch
@@ -286,12 +287,13 @@ def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int,
     from rntp.forward.scoring import score_groups
     from rntp.train import update_policy
 
-    run = load_config(None, [f"model.name_or_path={cfg.model.name_or_path}", f"train.micro_batch={micro_batch}",
-                             f"train.shared_prefix={str(shared).lower()}", "optim.lr=1e-6",
-                             f"train.attention={attention}"])
+    named = [f"model.name_or_path={cfg.model.name_or_path}"] if cfg is not None else []
+    run = load_config(None, [*named, f"train.micro_batch={micro_batch}", f"train.shared_prefix={str(shared).lower()}",
+                             "optim.lr=1e-6", f"train.attention={attention}",
+                             f"model.autocast_bf16={str(autocast).lower()}"])
     saved = copy.deepcopy(policy.state_dict())
     scored = score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
-                          micro_batch=micro_batch, attention=attention)
+                          micro_batch=micro_batch, shared=shared, attention=attention, autocast=autocast)
     advantages = torch.randn(len(batch["rollouts"]), generator=torch.Generator().manual_seed(1))
     engine = make_engine(policy.train(), run, DistInfo(device=next(policy.parameters()).device), 1, total_steps=1)
     keep = torch.ones(len(batch["rollouts"]), dtype=torch.bool)
@@ -299,8 +301,11 @@ def time_update(policy, cfg, batch: dict, shared: bool, micro_batch: int,
         t = time.perf_counter()
         out = update_policy(engine, ref=None, contexts=batch["contexts"], rollouts=batch["rollouts"],
                             targets=batch["targets"], scored=scored, advantages=advantages, keep=keep, cfg=run)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - t
     policy.load_state_dict(saved)
+    del engine, saved, scored
     return seconds, memory.peak_gb, out["update/packed_tokens"]
 
 

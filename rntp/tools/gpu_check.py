@@ -654,36 +654,10 @@ def update_once(policy, batch: dict, *, shared: bool, attention: str, micro_batc
     """One optimizer step of the update on `batch` with the given attention path (scoring first, as in
     training): seconds, peak memory above the start (bytes), tokens forwarded. The weights are restored
     afterwards, so every path sees the same model."""
-    import copy
+    from rntp.tools.bench import time_update
 
-    import torch
-
-    from rntp.tools.bench import PeakMemory
-    from rntp.config import load_config
-    from rntp.distributed import DistInfo
-    from rntp.engines import make_engine
-    from rntp.forward.scoring import score_groups
-    from rntp.train import update_policy
-
-    run = load_config(None, [f"train.micro_batch={micro_batch}", f"train.shared_prefix={str(shared).lower()}",
-                             "optim.lr=1e-6", f"train.attention={attention}",
-                             f"model.autocast_bf16={str(autocast).lower()}"])
-    saved = copy.deepcopy(policy.state_dict())
-    scored = score_groups(policy.eval(), batch["contexts"], batch["rollouts"], batch["targets"], pad_id=0,
-                          micro_batch=micro_batch, shared=shared, attention=attention, autocast=autocast)
-    advantages = torch.randn(len(batch["rollouts"]), generator=torch.Generator().manual_seed(1))
-    engine = make_engine(policy.train(), run, DistInfo(device=next(policy.parameters()).device), 1, total_steps=1)
-    keep = torch.ones(len(batch["rollouts"]), dtype=torch.bool)
-    with PeakMemory() as memory:
-        t = time.perf_counter()
-        row = update_policy(engine, ref=None, contexts=batch["contexts"], rollouts=batch["rollouts"],
-                            targets=batch["targets"], scored=scored, advantages=advantages, keep=keep, cfg=run)
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t
-    policy.load_state_dict(saved)
-    del engine, saved, scored
-    return {"seconds": seconds, "peak_bytes": memory.peak_gb * 2**30, "packed_tokens": int(row["update/packed_tokens"])}
+    seconds, peak_gb, packed = time_update(policy, None, batch, shared, micro_batch, attention, autocast)
+    return {"seconds": seconds, "peak_bytes": peak_gb * 2**30, "packed_tokens": int(packed)}
 
 
 def path_pairs(batch: dict, group: int, shared: bool, attention: str, device) -> dict:
