@@ -5,17 +5,20 @@ and the RLP recipe (configs/rlp-qwen3-1.7b*.yaml)."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from rntp.config import load_config
 from rntp.tools.plan import (Shape, activation_bytes, builtin_shapes, layer_activation_bytes, logits_chunk_bytes,
-                       logits_chunk_tokens, memory_per_gpu, pack_shape, position_pairs, resolve_shape, row_pairs,
-                       state_bytes_per_param, step_flops, zero_buckets)
+                             logits_chunk_tokens, memory_per_gpu, pack_shape, position_pairs, resolve_shape,
+                             row_pairs, state_bytes_per_param, step_flops, zero_buckets)
 
 pytestmark = pytest.mark.unit
+ROOT = Path(__file__).resolve().parents[2]
 
-Q05 = builtin_shapes()["qwen2.5-0.5b"]  # rntp.tools.gpu_check's Qwen2.5-0.5B numbers
+Q05 = builtin_shapes()["qwen2.5-0.5b"]  # rntp.tools.plan.SHAPES' Qwen2.5-0.5B numbers
 # A small config: P=2 positions, G=4, C=10, T=3, H=2 (branches of 3 + 3 + 2 = 8 tokens).
 SMALL = ["train.positions_per_step=2", "rollout.group_size=4", "data.chunk_tokens=10", "data.min_context=2",
          "rollout.max_thought_tokens=3", "data.horizon=2", "train.micro_batch=4"]
@@ -368,23 +371,15 @@ def _rss_peak_of(work) -> int:
     return status("VmHWM:") - base
 
 
-@pytest.mark.parametrize("checkpointing, vocab, temperature", [(False, 512, 0.7), (True, 16384, 0.7)])
-def test_activation_estimate_against_a_measured_cpu_peak(checkpointing, vocab, temperature):
-    """One update micro-pass (packed forward + backward) of a narrow random Qwen3 in bf16 with autocast, as
-    DeepSpeed's bf16 mode runs it, at a pack of C=512, G=4, T=256, H=1 (about 1,550 tokens): its peak CPU memory
-    against `activation_bytes`. Without checkpointing the layers dominate; with it and a 16k vocabulary the
-    head's chunk does. The estimate counts what backward keeps; allocation order and transients move the
-    measured peak, so the two must agree within a factor of 1.35."""
-    import sys
-
+def measured_activation_peak(checkpointing: bool, vocab: int, temperature: float) -> tuple[int, int]:
+    """The measurement of the test below, run in a fresh process (`test_activation_estimate_...`): the peak
+    resident memory of one micro-pass less the parameter gradients, and `activation_bytes`' estimate."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from rntp.forward.packing import build_packs, packed_logprobs
     from rollout.spans import Rollout
 
-    if not sys.platform.startswith("linux"):
-        pytest.skip("reads /proc/self")
     C, T, G, hidden, layers = 512, 256, 4, 256, 4
     _mmap_large_blocks()
     config = Qwen3Config(vocab_size=vocab, hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers,
@@ -415,7 +410,29 @@ def test_activation_estimate_against_a_measured_cpu_peak(checkpointing, vocab, t
     shape = Shape(hidden, layers, 4, 2, hidden // 4, 3 * hidden, vocab, tied=True, qk_norm=True)
     estimate = activation_bytes(shape, pack_shape(C, 1, T, G, G), C, checkpointing=checkpointing, dtype="float32",
                                 autocast=True, bf16_module=True, temperature=temperature)["total"]
-    measured = peak - grads
+    return peak - grads, estimate
+
+
+@pytest.mark.parametrize("checkpointing, vocab, temperature", [(False, 512, 0.7), (True, 16384, 0.7)])
+def test_activation_estimate_against_a_measured_cpu_peak(checkpointing, vocab, temperature):
+    """One update micro-pass (packed forward + backward) of a narrow random Qwen3 in bf16 with autocast, as
+    DeepSpeed's bf16 mode runs it, at a pack of C=512, G=4, T=256, H=1 (about 1,550 tokens): its peak CPU memory
+    against `activation_bytes`. Without checkpointing the layers dominate; with it and a 16k vocabulary the
+    head's chunk does. The estimate counts what backward keeps; allocation order and transients move the
+    measured peak, so the two must agree within a factor of 1.35. Measured in a fresh process: after a suite
+    of other tests, this process's heap holds pages that move its resident set (151 MB against 109 MB)."""
+    import json
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc/self")
+    code = ("import json; from tests.unit.test_plan import measured_activation_peak as m; "
+            f"print(json.dumps(m({checkpointing}, {vocab}, {temperature})))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured, estimate = json.loads(done.stdout.strip().splitlines()[-1])
     print(f"checkpointing={checkpointing} vocab={vocab} T={temperature}: measured {measured / 1e6:.1f} MB, "
           f"estimate {estimate / 1e6:.1f} MB, ratio {estimate / measured:.2f}")
     assert 1 / 1.35 < estimate / measured < 1.35
