@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from rntp.config import flatten
+
 CARD = "README.md"
 TAGS = ["rntp", "reinforcement-learning", "grpo", "reasoning", "next-token-prediction"]
 # the offline default model is SmolLM2-135M-Instruct, dequantized from its Q4_1 GGUF (`rntp/prepare.py`)
@@ -79,16 +81,6 @@ def versions(lora: bool) -> dict[str, str]:
     return out
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def checkpoint_config(ckpt: Path) -> dict | None:
     """The rntp config a checkpoint was trained with (its rntp_config.yaml, else its run's config.yaml)."""
     from rntp.experiments.evaluate import run_config_of
@@ -121,7 +113,7 @@ def model_card(ckpt: Path, *, adapter: bool, merged: bool = False, base: str | N
 
     ckpt = Path(ckpt)
     cfg = checkpoint_config(ckpt) or {}
-    flat = _flatten(cfg)
+    flat = flatten(cfg)
     rows = run_rows(ckpt)
     adapter_config = ckpt / "adapter_config.json"  # a bare PEFT adapter names its base there
     base = base or flat.get("model.name_or_path") or (

@@ -457,6 +457,17 @@ def set_nested(tree: dict, keys: list[str], value: Any) -> None:
     tree[keys[-1]] = value
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A config as a dump gives it (nested dicts) keyed by dotted names, as overrides write them."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     tree: dict = {}
     if path is not None:

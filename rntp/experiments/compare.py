@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from rntp.config import flatten
 from rntp.experiments.evaluate import BUCKETS, md_tables_to_html
 from rntp.runfiles import read_jsonl
 
@@ -186,16 +187,6 @@ def load_run(run_dir: Path) -> dict:
     config = yaml.safe_load(config_file.read_text()) if config_file.exists() else None
     return {"name": run_dir.name, "dir": str(run_dir), "rows": rows, "config": config,
             "evals": load_evaluations(run_dir, rows)}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def design_settings(config: dict) -> dict:
